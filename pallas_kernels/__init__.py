@@ -1,0 +1,8 @@
+"""Pallas GPU kernels for ViG, with pure-JAX references beside each kernel.
+
+The one op so far is :func:`bigla`, bidirectional gated linear attention.
+"""
+
+from pallas_kernels.bigla import IMPLEMENTATIONS, available_implementations, bigla
+
+__all__ = ["IMPLEMENTATIONS", "available_implementations", "bigla"]

@@ -1,0 +1,135 @@
+"""The public BiGLA op: one function, several implementations.
+
+``bigla(q, k, v, log_gate_fwd, log_gate_bwd)`` computes, per batch element and head,
+
+    o_t = scale/2 * q_t (S^f_t + S^b_t),
+    S^f_t = diag(exp gf_t) S^f_{t-1} + k_t^T v_t,   S^b_t = diag(exp gb_t) S^b_{t+1} + k_t^T v_t,
+
+i.e. the mean of a forward and a backward gated-linear-attention scan that both include the
+current token (vig-reference.md section 2.4).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.bigla import reference
+
+IMPLEMENTATIONS = ("reference", "associative_scan", "xla", "triton", "mosaic")
+
+
+def _load(name: str) -> Callable | None:
+    """Returns the implementation ``name`` or None when its module is not present."""
+    if name == "reference":
+        return reference.bigla_quadratic
+    if name == "associative_scan":
+        return reference.bigla_associative_scan
+    try:
+        if name == "xla":
+            from pallas_kernels.bigla import xla
+
+            return xla.bigla_xla
+        if name == "triton":
+            from pallas_kernels.bigla import triton
+
+            return triton.bigla_triton
+        if name == "mosaic":
+            from pallas_kernels.bigla import mosaic
+
+            return mosaic.bigla_mosaic
+    except ImportError:
+        return None
+    raise ValueError(f"implementation={name!r}; expected one of {IMPLEMENTATIONS}")
+
+
+_GPU_ONLY = ("triton", "mosaic")
+
+
+def available_implementations(backend: str | None = None) -> tuple[str, ...]:
+    """Names of the implementations that can run on ``backend`` (default: JAX's default)."""
+    backend = backend or jax.default_backend()
+    names = []
+    for name in IMPLEMENTATIONS:
+        if _load(name) is None:
+            continue
+        if name in _GPU_ONLY and backend != "gpu":
+            continue
+        names.append(name)
+    return tuple(names)
+
+
+def default_implementation(backend: str | None = None) -> str:
+    """The fastest implementation that runs on ``backend``."""
+    available = available_implementations(backend)
+    for name in ("triton", "xla", "associative_scan"):
+        if name in available:
+            return name
+    return "reference"
+
+
+def _check_inputs(q, k, v, gf, gb) -> None:
+    arrays = {"q": q, "k": k, "v": v, "log_gate_fwd": gf, "log_gate_bwd": gb}
+    for name, x in arrays.items():
+        if x.ndim != 4:
+            raise ValueError(
+                f"{name} has shape {x.shape}; expected 4 dims [B, N, H, D] (token-major)"
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} has dtype {x.dtype}; expected a floating dtype")
+    for name in ("k", "log_gate_fwd", "log_gate_bwd"):
+        if arrays[name].shape != q.shape:
+            raise ValueError(
+                f"{name} has shape {arrays[name].shape}; expected q's shape {q.shape} [B, N, H, Dk]"
+            )
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"v has shape {v.shape}; expected [B, N, H, Dv] with [B, N, H] = {q.shape[:3]} as q"
+        )
+
+
+def bigla(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    log_gate_fwd: jax.Array,
+    log_gate_bwd: jax.Array,
+    *,
+    scale: float | None = None,
+    implementation: str | None = None,
+    **options,
+) -> jax.Array:
+    """Bidirectional gated linear attention.
+
+    Args:
+      q, k: [B, N, H, Dk] queries and keys.
+      v: [B, N, H, Dv] values.
+      log_gate_fwd, log_gate_bwd: [B, N, H, Dk] per-step log forget gates (values <= 0; ViG
+        passes ``logsigmoid(x) / 16``) of the raster-order and the reversed-order scan.
+      scale: query scale; ``Dk ** -0.5`` if None.
+      implementation: one of :data:`IMPLEMENTATIONS`, or None for the fastest that runs on the
+        current backend.
+      **options: passed to the implementation (e.g. ``interpret=True`` for the Pallas ones).
+
+    Returns:
+      [B, N, H, Dv] in v's dtype: ``(o_fwd + o_bwd) / 2``.
+    """
+    _check_inputs(q, k, v, log_gate_fwd, log_gate_bwd)
+    if implementation is None:
+        implementation = default_implementation()
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS} or None"
+        )
+    interpret = options.get("interpret", False)
+    available = available_implementations("gpu" if interpret else None)
+    if implementation not in available:
+        raise ValueError(
+            f"implementation={implementation!r} cannot run on backend "
+            f"{jax.default_backend()!r}; available here: {available}"
+        )
+    fn = functools.partial(_load(implementation), scale=scale, **options)
+    return fn(q, k, v, log_gate_fwd, log_gate_bwd)
