@@ -49,6 +49,7 @@ def _causal_part(q, k, v, cum, *, row_block: int, lower: bool):
         i, qb, cb = args  # qb, cb: [B, T, H, Dk]
         rows = i * row_block + jnp.arange(row_block)
         mask = src[None, :] <= rows[:, None] if lower else src[None, :] >= rows[:, None]
+        mask &= rows[:, None] < n  # padded rows: exp(0 - cum) could overflow, NaN gradients
         diff = cb[:, :, None] - cum[:, None, :]  # [B, T, N, H, Dk]
         diff = jnp.where(mask[None, :, :, None, None], diff, -jnp.inf)
         scores = jnp.einsum("bthd,bshd,btshd->bths", qb, k, jnp.exp(diff))
