@@ -1,0 +1,158 @@
+"""The BiGLA token mixer of ViG and ViG-H (official ``GatedLinearAttention`` / ``GLA2D``).
+
+On a token grid u [B, h, w, d] (vig-reference.md section 2.4)::
+
+    c      = act(DWConv3x3(u))                      no bias; act = SiLU for ViG-T, else identity
+    q,k,v  = split(c W_qkv, [d/2, d/2, d])          q, k shared by both directions
+    a_f,a_b = split(gk_proj_1(gk_proj_0(c)))        low rank d -> 16 -> d (+ bias)
+    o      = bigla(q, k, v, logsigmoid(a_f)/16, logsigmoid(a_b)/16)     per head, Dk = d/2H
+    G      = sigmoid(g_proj(c))
+    y      = G * RMSNorm_g(o) + (1 - G) * RMSNorm_l(c)                    per head over Dv = d/H
+    out    = o_proj(act_out(y))                     act_out = SiLU for ViG-T, else identity
+
+The op itself is :func:`pallas_kernels.bigla` (token-major ``[B, N, H, D]``); the module only
+builds its inputs. Raster order (row-major over (h, w)) is the forward scan direction.
+
+Mixed precision: the projections run in ``dtype``; the gate path (``gk_proj``, logsigmoid) is
+always fp32, and the RMSNorm statistics are fp32 (Flax computes them in fp32).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels import bigla as bigla_op
+from vig_jax.layers import (
+    Dtype,
+    rms_norm,
+    trunc_normal_timm,
+    xavier_uniform_torch,
+)
+
+GATE_LOW_RANK = 16  # gate_low_rank_dim
+GATE_NORMALIZER = 16.0  # gate_logit_normalizer
+
+
+class BiGLA(nnx.Module):
+    """Bidirectional gated linear attention with 2-D gated locality injection.
+
+    Parameters (PyTorch shapes in brackets, ours are transposed to ``[in, out]`` / HWIO):
+    ``in_proj`` depthwise 3x3 conv [d, 1, 3, 3] -> kernel [3, 3, 1, d], no bias; ``qkv_proj``
+    [2d, d] (fused q | k | v, no bias); ``gk_proj[0]`` [16, d] (no bias) and ``gk_proj[1]``
+    [d, 16] + bias (first half forward gates, second half backward); ``g_proj`` [d, d] + bias;
+    ``o_proj`` [d, d] (no bias); ``g_norm``, ``l_norm`` RMSNorm weight [Dv] shared by all heads.
+
+    Init (``linear_init``):
+      * ``"xavier"`` (plain ViG, ``reset_parameters``): xavier_uniform(gain 2^-2.5) with the
+        PyTorch fans on qkv_proj (fused [2d, d]), the conv (fan_in 9, fan_out 9d), g_proj,
+        o_proj, gk_proj[0], gk_proj[1]; biases 0.
+      * ``"trunc_normal"`` (ViG-H, whose ``_init_weights`` runs after ``reset_parameters``):
+        timm trunc_normal(0.02) on every Linear, biases 0; the conv keeps its xavier init.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        conv_act: bool,
+        out_act: bool,
+        linear_init: Literal["xavier", "trunc_normal"] = "xavier",
+        implementation: str | None = None,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if dim % (2 * num_heads):
+            raise ValueError(
+                f"dim={dim} must be divisible by 2 * num_heads={2 * num_heads} "
+                "(key_dim = dim/2 and value_dim = dim are split over the heads)"
+            )
+        if linear_init not in ("xavier", "trunc_normal"):
+            raise ValueError(f"linear_init={linear_init!r}; expected 'xavier' or 'trunc_normal'")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.key_dim = dim // 2
+        self.conv_act = conv_act
+        self.out_act = out_act
+        self.implementation = implementation
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        gate_kw = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+
+        def init(fan_in: int, fan_out: int):
+            if linear_init == "xavier":
+                return xavier_uniform_torch(fan_in, fan_out)
+            return trunc_normal_timm()
+
+        self.in_proj = nnx.Conv(
+            dim,
+            dim,
+            kernel_size=(3, 3),
+            padding=((1, 1), (1, 1)),
+            feature_group_count=dim,
+            use_bias=False,
+            kernel_init=xavier_uniform_torch(9, 9 * dim),
+            **kw,
+        )
+        self.qkv_proj = nnx.Linear(
+            dim, 2 * dim, use_bias=False, kernel_init=init(dim, 2 * dim), **kw
+        )
+        self.gk_proj = nnx.List(
+            [
+                nnx.Linear(
+                    dim,
+                    GATE_LOW_RANK,
+                    use_bias=False,
+                    kernel_init=init(dim, GATE_LOW_RANK),
+                    **gate_kw,
+                ),
+                nnx.Linear(GATE_LOW_RANK, dim, kernel_init=init(GATE_LOW_RANK, dim), **gate_kw),
+            ]
+        )
+        self.g_proj = nnx.Linear(dim, dim, kernel_init=init(dim, dim), **kw)
+        self.o_proj = nnx.Linear(dim, dim, use_bias=False, kernel_init=init(dim, dim), **kw)
+        head_v = dim // num_heads
+        self.g_norm = rms_norm(head_v, **kw)
+        self.l_norm = rms_norm(head_v, **kw)
+
+    def __call__(self, u: jax.Array) -> jax.Array:
+        """Mixes a token grid.
+
+        Args:
+          u: [B, h, w, d] normalised tokens (row-major raster order is the forward direction).
+
+        Returns:
+          [B, h, w, d].
+        """
+        b, h, w, d = u.shape
+        n, heads = h * w, self.num_heads
+        c = self.in_proj(u)
+        if self.conv_act:
+            c = jax.nn.silu(c)
+        c = c.reshape(b, n, d)
+        q, k, v = jnp.split(self.qkv_proj(c), [self.key_dim, 2 * self.key_dim], axis=-1)
+        gate_logits = self.gk_proj[1](self.gk_proj[0](c))
+        log_gates = jax.nn.log_sigmoid(gate_logits.astype(jnp.float32)) / GATE_NORMALIZER
+        gf, gb = jnp.split(log_gates, 2, axis=-1)
+
+        def per_head(x):  # [B, N, H*D] -> [B, N, H, D]
+            return x.reshape(b, n, heads, -1)
+
+        o = bigla_op(
+            per_head(q),
+            per_head(k),
+            per_head(v),
+            per_head(gf),
+            per_head(gb),
+            implementation=self.implementation,
+        )
+        g = per_head(jax.nn.sigmoid(self.g_proj(c)))
+        y = g * self.g_norm(o) + (1 - g) * self.l_norm(per_head(c))
+        y = y.reshape(b, n, d)
+        if self.out_act:
+            y = jax.nn.silu(y)
+        return self.o_proj(y).reshape(b, h, w, d)
