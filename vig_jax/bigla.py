@@ -13,8 +13,8 @@ On a token grid u [B, h, w, d] (vig-reference.md section 2.4)::
 The op itself is :func:`pallas_kernels.bigla` (token-major ``[B, N, H, D]``); the module only
 builds its inputs. Raster order (row-major over (h, w)) is the forward scan direction.
 
-Mixed precision: the projections run in ``dtype``; the gate path (``gk_proj``, logsigmoid) is
-always fp32, and the RMSNorm statistics are fp32 (Flax computes them in fp32).
+Mixed precision: the projections run in ``dtype``; the gate path (``gk_proj``, logsigmoid) runs
+in at least fp32, and the RMSNorm statistics are fp32 (Flax computes them in fp32).
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ class BiGLA(nnx.Module):
         self.out_act = out_act
         self.implementation = implementation
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        gate_kw = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+        gate_dtype = jnp.promote_types(param_dtype if dtype is None else dtype, jnp.float32)
+        gate_kw = dict(dtype=gate_dtype, param_dtype=param_dtype, rngs=rngs)
 
         def init(fan_in: int, fan_out: int):
             if linear_init == "xavier":
@@ -136,7 +137,8 @@ class BiGLA(nnx.Module):
         c = c.reshape(b, n, d)
         q, k, v = jnp.split(self.qkv_proj(c), [self.key_dim, 2 * self.key_dim], axis=-1)
         gate_logits = self.gk_proj[1](self.gk_proj[0](c))
-        log_gates = jax.nn.log_sigmoid(gate_logits.astype(jnp.float32)) / GATE_NORMALIZER
+        gate_dtype = jnp.promote_types(gate_logits.dtype, jnp.float32)
+        log_gates = jax.nn.log_sigmoid(gate_logits.astype(gate_dtype)) / GATE_NORMALIZER
         gf, gb = jnp.split(log_gates, 2, axis=-1)
 
         def per_head(x):  # [B, N, H*D] -> [B, N, H, D]

@@ -352,7 +352,7 @@ def torch_bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
 def resize_pos_embed(
     pos_embed: jax.Array, src_hw: tuple[int, int], dst_hw: tuple[int, int]
 ) -> jax.Array:
-    """The official ``resize_pos_embed``: torch bicubic resize of a [1, h*w, C] grid, in fp32.
+    """The official ``resize_pos_embed``: torch bicubic resize of a [1, h*w, C] grid in fp32.
 
     Args:
       pos_embed: [1, h*w, C] (row-major grid of ``src_hw``).
@@ -369,9 +369,10 @@ def resize_pos_embed(
         raise ValueError(
             f"pos_embed has {length} tokens; expected src_hw {src_hw} -> {src_hw[0] * src_hw[1]}"
         )
-    grid = pos_embed.reshape(src_hw[0], src_hw[1], channels).astype(jnp.float32)
-    rows = jnp.asarray(torch_bicubic_matrix(src_hw[0], dst_hw[0]), jnp.float32)
-    cols = jnp.asarray(torch_bicubic_matrix(src_hw[1], dst_hw[1]), jnp.float32)
+    dtype = jnp.promote_types(pos_embed.dtype, jnp.float32)  # fp32 as official (fp64 if given)
+    grid = pos_embed.reshape(src_hw[0], src_hw[1], channels).astype(dtype)
+    rows = jnp.asarray(torch_bicubic_matrix(src_hw[0], dst_hw[0]), dtype)
+    cols = jnp.asarray(torch_bicubic_matrix(src_hw[1], dst_hw[1]), dtype)
     hi = jax.lax.Precision.HIGHEST
     grid = jnp.einsum("Hh,hwc->Hwc", rows, grid, precision=hi)
     grid = jnp.einsum("Ww,Hwc->HWc", cols, grid, precision=hi)

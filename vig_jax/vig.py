@@ -189,11 +189,16 @@ class ViG(nnx.Module):
         return self.norm(y)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """[B, H, W, 3] images -> [B, num_classes] float32 logits ([B, d] if no head)."""
-        pooled = self.forward_features(x).astype(jnp.float32).mean(axis=(1, 2))
+        """[B, H, W, 3] images -> [B, num_classes] logits ([B, d] features if no head).
+
+        Logits are fp32 (fp64 when computing in fp64), whatever the compute dtype.
+        """
+        feats = self.forward_features(x)
+        out_dtype = jnp.promote_types(feats.dtype, jnp.float32)
+        pooled = feats.astype(out_dtype).mean(axis=(1, 2))
         if self.head is None:
             return pooled
-        return self.head(pooled.astype(self.dtype)).astype(jnp.float32)
+        return self.head(pooled.astype(self.dtype)).astype(out_dtype)
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Token grid (h, w) for an input of height x width pixels."""

@@ -259,11 +259,16 @@ class ViGH(nnx.Module):
         return self.classifier.norm(stages[-1])
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """[B, H, W, 3] images -> [B, num_classes] float32 logits ([B, 8C] if no head)."""
-        pooled = self.forward_features(x).astype(jnp.float32).mean(axis=(1, 2))
+        """[B, H, W, 3] images -> [B, num_classes] logits ([B, 8C] features if no head).
+
+        Logits are fp32 (fp64 when computing in fp64), whatever the compute dtype.
+        """
+        feats = self.forward_features(x)
+        out_dtype = jnp.promote_types(feats.dtype, jnp.float32)
+        pooled = feats.astype(out_dtype).mean(axis=(1, 2))
         if self.classifier.head is None:
             return pooled
-        return self.classifier.head(pooled.astype(self.dtype)).astype(jnp.float32)
+        return self.classifier.head(pooled.astype(self.dtype)).astype(out_dtype)
 
 
 def _factory(name: str):
