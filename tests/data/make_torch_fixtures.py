@@ -67,8 +67,14 @@ def main(out_dir):
     ema = checkpoint_tensors(gen)
     param = torch.nn.Parameter(torch.arange(3.0))
     torch.save(
-        {"model": model, "model_ema": ema, "epoch": 7, "max_accuracy": 77.2,
-         "config": Config(), "param": param},
+        {
+            "model": model,
+            "model_ema": ema,
+            "epoch": 7,
+            "max_accuracy": 77.2,
+            "config": Config(),
+            "param": param,
+        },
         os.path.join(out_dir, "tiny_checkpoint.pth"),
     )
     expected = {**expected_arrays("model", model), **expected_arrays("model_ema", ema)}
@@ -76,13 +82,22 @@ def main(out_dir):
     np.savez_compressed(os.path.join(out_dir, "tiny_checkpoint_expected.npz"), **expected)
 
     ref = {}
-    resizes = [((14, 14), (24, 24)), ((14, 14), (7, 7)), ((14, 14), (9, 11)), ((5, 7), (11, 3)),
-               ((1, 1), (3, 3)), ((2, 2), (1, 1)), ((4, 4), (40, 40)), ((8, 8), (10, 10))]
+    resizes = [
+        ((14, 14), (24, 24)),
+        ((14, 14), (7, 7)),
+        ((14, 14), (9, 11)),
+        ((5, 7), (11, 3)),
+        ((1, 1), (3, 3)),
+        ((2, 2), (1, 1)),
+        ((4, 4), (40, 40)),
+        ((8, 8), (10, 10)),
+    ]
     for i, (src, dst) in enumerate(resizes):
         x = torch.randn(1, 2, *src, generator=gen)
         ref[f"bicubic/{i}/src"] = x.numpy()
         ref[f"bicubic/{i}/dst"] = F.interpolate(
-            x, size=dst, mode="bicubic", align_corners=False).numpy()
+            x, size=dst, mode="bicubic", align_corners=False
+        ).numpy()
 
     d = torch.float64
     convs = {  # name: (x shape NCHW, weight OIHW, bias?, stride, padding, groups)
@@ -99,12 +114,23 @@ def main(out_dir):
             ref[f"conv/{name}/bias"] = b.numpy()
         ref[f"conv/{name}/y"] = F.conv2d(x, w, b, stride=stride, padding=pad, groups=groups).numpy()
     x, w, b = (torch.randn(*s, generator=gen, dtype=d) for s in ((4, 6), (5, 6), (5,)))
-    ref.update({"linear/x": x.numpy(), "linear/weight": w.numpy(), "linear/bias": b.numpy(),
-                "linear/y": F.linear(x, w, b).numpy()})
+    ref.update(
+        {
+            "linear/x": x.numpy(),
+            "linear/weight": w.numpy(),
+            "linear/bias": b.numpy(),
+            "linear/y": F.linear(x, w, b).numpy(),
+        }
+    )
     x, w, b = (torch.randn(*s, generator=gen, dtype=d) for s in ((2, 5, 7), (7,), (7,)))
-    ref.update({"layer_norm/x": x.numpy() * 3 + 1, "layer_norm/weight": w.numpy(),
-                "layer_norm/bias": b.numpy(),
-                "layer_norm/y": F.layer_norm(x * 3 + 1, (7,), w, b, eps=1e-5).numpy()})
+    ref.update(
+        {
+            "layer_norm/x": x.numpy() * 3 + 1,
+            "layer_norm/weight": w.numpy(),
+            "layer_norm/bias": b.numpy(),
+            "layer_norm/y": F.layer_norm(x * 3 + 1, (7,), w, b, eps=1e-5).numpy(),
+        }
+    )
     x = torch.linspace(-6, 6, 49, dtype=d)
     ref.update({"gelu/x": x.numpy(), "gelu/y": F.gelu(x).numpy()})
     for rate, depth in ((0.2, 12), (0.5, 12), (0.2, 11), (0.3, 23), (0.6, 23)):
