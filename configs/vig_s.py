@@ -1,0 +1,37 @@
+"""ViG-S.
+
+Command (ImageNet-1k as an image folder holding train/ and val/; global batch 1024 over all
+devices and hosts, i.e. the official 8 GPUs x 128):
+
+    python -m train.main --config configs/vig_s.py --workdir runs/vig_s \
+        --config.data.root=/path/to/imagenet
+
+Hyper-parameters (vig-reference.md sections 5.1 and 10): BASE_LR 0.0005 (peak LR
+0.0005 x 1024 / 512), warm-up LR 5e-7 and min LR 5e-6 scaled alike, weight decay 0.1 (none on
+1-D parameters and biases), drop path 0.2, 300 epochs with 20 warm-up epochs (per-step
+cosine), AdamW (0.9, 0.999, 1e-8), global-norm clip 5, EMA 0.9999, RandAugment
+rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8 / cutmix 1.0 (switch 0.5), label
+smoothing 0.1. Trained in float32 like the official code (--config.model.dtype=bfloat16 for mixed
+precision). ViG-S keeps the default BASE_LR 5e-4 and sets weight decay 0.1.
+
+Target: 81.7 top-1 on ImageNet-1k val, 22.62M parameters.
+
+Arguments (configs/default.py): ``:quick`` (bundled mini CIFAR-10 at 32 px, minutes on a CPU),
+``:cifar`` (the full CIFAR-10 image folder at 32 px; patch_size 4, i.e. 8 x 8 tokens),
+``:fake`` (random images), comma-separated, e.g. ``configs/vig_s.py:cifar,fake``.
+"""
+
+from configs import default
+
+
+def get_config(arg=None):
+    """ViG-S config; ``arg``: see the module docstring."""
+    return default.variant(
+        arg,
+        name="vig_s",
+        lr=0.0005,
+        drop_path_rate=0.2,
+        weight_decay=0.1,
+        dtype="float32",
+        warmup_epochs=20.0,
+    )
