@@ -132,4 +132,35 @@ def bigla(
             f"{jax.default_backend()!r}; available here: {available}"
         )
     fn = functools.partial(_load(implementation), scale=scale, **options)
+    axes = _batch_mesh_axes(q)
+    if axes:
+        # Each device runs the op on its own batch shard: a Pallas call has no sharding rule of
+        # its own, and the op never mixes batch elements.
+        spec = jax.sharding.PartitionSpec(axes)
+        fn = jax.shard_map(fn, in_specs=(spec,) * 5, out_specs=spec, check_vma=False)
     return fn(q, k, v, log_gate_fwd, log_gate_bwd)
+
+
+BATCH_AXIS_NAMES = ("data", "batch", "dp", "fsdp")
+
+
+def _batch_mesh_axes(q: jax.Array) -> tuple[str, ...]:
+    """Mesh axes that shard the batch dimension under the current mesh (empty: no shard_map).
+
+    With explicit sharding, the axes of q's batch dimension; otherwise the mesh axes named in
+    :data:`BATCH_AXIS_NAMES` (all non-trivial axes when none is). Empty when no mesh is set or
+    when the batch size is not a multiple of the number of shards.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return ()
+    spec = getattr(getattr(jax.typeof(q), "sharding", None), "spec", None)
+    if spec and spec[0] is not None:
+        axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    else:
+        named = [a for a in mesh.axis_names if a in BATCH_AXIS_NAMES and mesh.shape[a] > 1]
+        axes = named or [a for a in mesh.axis_names if mesh.shape[a] > 1]
+    shards = 1
+    for a in axes:
+        shards *= mesh.shape[a]
+    return tuple(axes) if q.shape[0] % shards == 0 else ()
