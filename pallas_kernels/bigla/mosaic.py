@@ -1,0 +1,291 @@
+"""BiGLA on Mosaic GPU (``plgpu.kernel``, Hopper wgmma): the backend that outlives Pallas-Triton.
+
+One kernel, :func:`_chunk_kernel`, computes a *bidirectional gated linear attention with
+key-channel gates*, chunk by chunk (chunk = 64 tokens = one wgmma M tile), with both directions in
+one program per (batch, head) and an fp32 state per direction:
+
+    out_t = sum_{s<=t} (x_t . y_s e^{F_t - F_s}) z_s  +  sum_{s>=t} (x_t . y_s e^{B_t - B_s}) z_s
+
+(``F``/``B``: prefix / suffix cumulative log gates). The forward of the op is this kernel with
+``(x, y, z) = (q, k, v)``. The same kernel also gives ``dv`` of the backward, with
+``(x, y, z) = (k, q, do)`` and the gates shifted by one token (see :func:`_bwd`).
+
+Numerics (all gates in log space, fp32; matmul operands bf16/f16 with fp32 accumulation):
+
+* inter-chunk: ``(x e^{G}) S`` and ``S <- e^{G_last} S + (y e^{G_last - G})^T z`` with exponents
+  <= 0, fp32 state (cast to the operand dtype only as a wgmma operand, as FLA does);
+* intra-chunk: the 64 x 64 score block is a sum of 8 wgmmas, one per 8-row sub-block ``r``:
+  ``(x_i e^{G_i - G_ref(r)}) . (y_j e^{G_ref(r) - G_j})`` with ``G_ref(r)`` the cumulative gate
+  just before sub-block ``r``. For ``j`` in an earlier sub-block both exponents are <= 0; only
+  inside an 8 x 8 diagonal block is the ``y`` exponent positive, and it is clamped at
+  :data:`CLAMP` (finite always; exact unless one 8-token sub-block decays by more than
+  ``e^-CLAMP``, i.e. gates below ~ -8.6 per token, logits < -137 in ViG's parameterisation);
+  the diagonal ``x_i . y_i`` itself is computed elementwise in fp32.
+
+Work done in XLA around the kernel (Mosaic GPU 0.11.2 cannot lower ``cumsum``): padding N to a
+multiple of 64 and the chunk-local cumulative gates (prefix for the forward direction, suffix for
+the backward one; fp32). In the backward, ``dq``, ``dk`` and the gate gradients are computed by
+XLA (``jax.vjp`` of the chunked ``xla`` form): see :func:`_bwd` for why.
+
+Layout: ``q, k, gf, gb: [B, N, H, Dk]``, ``v: [B, N, H, Dv]``; Dk a multiple of 16, Dv a multiple
+of 64 (the state is kept transposed, ``[Dv, Dk]``, so that Dv is the wgmma M dimension).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+CHUNK = 64  # tokens per chunk: one wgmma M tile
+SUB = 8  # rows per intra-chunk sub-block (one reference point each)
+CLAMP = 60.0  # cap of the only positive exponents (inside 8 x 8 diagonal blocks)
+_OPERAND_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _smem_transforms(minor: int, dtype) -> tuple:
+    """Tiling + swizzle for an SMEM wgmma operand whose minor dim has ``minor`` elements."""
+    bits = minor * jnp.dtype(dtype).itemsize * 8
+    swizzle = plgpu.find_swizzle(bits)
+    return (
+        plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+        plgpu.SwizzleTransform(swizzle),
+    )
+
+
+def _iota(shape, dim):
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def _wg(x):
+    """A value loaded from SMEM, in the wgmma register layout."""
+    return plgpu.layout_cast(x, plgpu.Layout.WGMMA)
+
+
+def _pick_row(x: jax.Array, row: int) -> jax.Array:
+    """``x[row]`` as a row vector for broadcasting (Mosaic GPU cannot slice register values).
+
+    Args:
+      x: [64, D] fp32 in the wgmma layout.
+
+    Returns:
+      [D]: exact (a column sum with one non-zero term).
+    """
+    return jnp.sum(jnp.where(_iota(x.shape, 0) == row, x, 0.0), axis=0)
+
+
+def _bcast_row(row: jax.Array, shape) -> jax.Array:
+    return lax.broadcast_in_dim(row, shape, [1])
+
+
+def _bcast_col(col: jax.Array, shape) -> jax.Array:
+    return lax.broadcast_in_dim(col, shape, [0])
+
+
+def _direction_chunk(x, y, cum, z_smem, state, scratch, *, forward, op_dtype):
+    """One chunk of one direction: its output and the state after it.
+
+    Args:
+      x, y: [64, Dk] fp32 (wgmma layout): query-role and key-role rows of the chunk.
+      cum: [64, Dk] fp32 chunk-local cumulative log gate (prefix sums if ``forward``, suffix
+        sums otherwise).
+      z_smem: SMEM [64, Dv] value-role rows (operand dtype).
+      state: [Dv, Dk] fp32 transposed state entering the chunk (wgmma layout).
+      scratch: SMEM wgmma operands (operand dtype): the state [Dv, Dk], the decayed keys of the
+        state update [64, Dk], the rescaled keys and queries of the intra-chunk blocks
+        [8, 64, Dk] each, the gated queries [64, Dk] and the scores [64, 64]. (Interpret mode
+        takes wgmma operands only from SMEM, so register operands go through SMEM too.)
+
+    Returns:
+      ([64, Dv] fp32 output of this direction, [Dv, Dk] fp32 state leaving the chunk).
+    """
+    s_smem, yd_smem, yr_smem, xr_smem, xg_smem, a_smem = scratch
+    bt, dk = x.shape
+    dv = state.shape[0]
+    rows, cols = _iota((bt, dk), 0), _iota((bt, dk), 1)
+    del cols
+    nsub = bt // SUB
+    # Rescaled keys, one set per sub-block r: y_j e^{ref_r - G_j} on the causal side of r.
+    for r in range(nsub):
+        # Forward: reference just before sub-block r (row r*SUB - 1; zero for r = 0).
+        # Backward: reference just after it (row (r+1)*SUB; zero for the last one).
+        ref_row = r * SUB - 1 if forward else (r + 1) * SUB
+        if 0 <= ref_row < bt:
+            ref = _bcast_row(_pick_row(cum, ref_row), (bt, dk))
+        else:
+            ref = jnp.zeros((bt, dk), jnp.float32)
+        keep = rows < (r + 1) * SUB if forward else rows >= r * SUB
+        expo = jnp.minimum(jnp.where(keep, ref - cum, -jnp.inf), CLAMP)
+        yr_smem[r] = (y * jnp.exp(expo)).astype(op_dtype)
+        in_block = (rows >= r * SUB) & (rows < (r + 1) * SUB)
+        xr = jnp.where(in_block, x * jnp.exp(jnp.where(in_block, cum - ref, 0.0)), 0.0)
+        xr_smem[r] = xr.astype(op_dtype)
+    last = _pick_row(cum, bt - 1 if forward else 0)  # [Dk] total log decay of the chunk
+    yd_smem[...] = (y * jnp.exp(_bcast_row(last, (bt, dk)) - cum)).astype(op_dtype)
+    xg_smem[...] = (x * jnp.exp(cum)).astype(op_dtype)
+    s_smem[...] = state.astype(op_dtype)
+    plgpu.commit_smem()
+
+    # Intra-chunk scores A [64, 64], masked to the direction's triangle.
+    def scores(acc):
+        for r in range(nsub):
+            plgpu.wgmma(acc, xr_smem.at[r], yr_smem.at[r].transpose((1, 0)))
+        return acc[...]
+
+    a = pl.run_scoped(scores, plgpu.ACC((bt, bt), jnp.float32))
+    ai, aj = _iota((bt, bt), 0), _iota((bt, bt), 1)
+    diag = _bcast_col(jnp.sum(x * y, axis=1), (bt, bt))
+    a = jnp.where(ai == aj, diag, jnp.where(aj < ai if forward else aj > ai, a, 0.0))
+    a_smem[...] = a.astype(op_dtype)
+    plgpu.commit_smem()
+
+    # Output: inter (x e^{G}) S + intra A z.
+    def output(acc):
+        plgpu.wgmma(acc, xg_smem, s_smem.transpose((1, 0)))
+        plgpu.wgmma(acc, a_smem, z_smem)
+        return acc[...]
+
+    out = pl.run_scoped(output, plgpu.ACC((bt, dv), jnp.float32))
+
+    # State: S^T <- S^T e^{last} + z^T (y e^{last - G}).
+    def update(acc):
+        plgpu.wgmma(acc, z_smem.transpose((1, 0)), yd_smem)
+        return acc[...]
+
+    # (Not ``pl.run_state(update)(plgpu.ACC.init(decayed))``: interpret mode cannot run that.)
+    new = pl.run_scoped(update, plgpu.ACC((dv, dk), jnp.float32))
+    return out, state * _bcast_row(jnp.exp(last), (dv, dk)) + new
+
+
+def _chunk_kernel(
+    x_ref, y_ref, z_ref, cf_ref, cb_ref, o_ref, ob_ref, *scratch, n_chunks, out_scale, op_dtype
+):
+    """Program (b, h): backward-direction sweep (last chunk first) into ``ob_ref`` (fp32), then
+    the forward-direction sweep, which adds it and writes ``out_scale * (o_f + o_b)``."""
+    x_s, y_s, z_s, c_s, o_s, ob_s, *operands, bars = scratch
+    b, h = lax.axis_index("b"), lax.axis_index("h")
+    dv, dk = operands[0].shape
+
+    def load(c, cum_ref):
+        rows = pl.ds(c * CHUNK, CHUNK)
+        for i, (src, dst) in enumerate(
+            ((x_ref, x_s), (y_ref, y_s), (z_ref, z_s), (cum_ref, c_s))
+        ):
+            plgpu.copy_gmem_to_smem(src.at[b, rows, h], dst, bars.at[i])
+        for i in range(4):
+            plgpu.barrier_wait(bars.at[i])
+        x = _wg(x_s[...]).astype(jnp.float32)
+        y = _wg(y_s[...]).astype(jnp.float32)
+        return x, y, _wg(c_s[...])
+
+    zero_state = jnp.zeros((dv, dk), jnp.float32)
+    zero_state = plgpu.layout_cast(zero_state, plgpu.Layout.WGMMA)
+
+    def backward_step(i, state):
+        c = n_chunks - 1 - i
+        x, y, cum = load(c, cb_ref)
+        out, state = _direction_chunk(
+            x, y, cum, z_s, state, operands, forward=False, op_dtype=op_dtype
+        )
+        ob_s[...] = out
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(ob_s, ob_ref.at[b, pl.ds(c * CHUNK, CHUNK), h])
+        plgpu.wait_smem_to_gmem(0)
+        return state
+
+    lax.fori_loop(0, n_chunks, backward_step, zero_state)
+
+    def forward_step(c, state):
+        x, y, cum = load(c, cf_ref)
+        plgpu.copy_gmem_to_smem(ob_ref.at[b, pl.ds(c * CHUNK, CHUNK), h], ob_s, bars.at[4])
+        out, state = _direction_chunk(
+            x, y, cum, z_s, state, operands, forward=True, op_dtype=op_dtype
+        )
+        plgpu.barrier_wait(bars.at[4])
+        o_s[...] = ((out + _wg(ob_s[...])) * out_scale).astype(o_s.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(c * CHUNK, CHUNK), h])
+        plgpu.wait_smem_to_gmem(0)
+        return state
+
+    lax.fori_loop(0, n_chunks, forward_step, zero_state)
+
+
+def _chunk_cumsums(gf: jax.Array, gb: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Chunk-local inclusive cumulative log gates, fp32.
+
+    Args:
+      gf, gb: [B, Np, H, Dk] with Np a multiple of :data:`CHUNK`.
+
+    Returns:
+      (prefix sums of gf, suffix sums of gb) within each chunk, both [B, Np, H, Dk] fp32.
+    """
+    b, n, h, d = gf.shape
+    shape = (b, n // CHUNK, CHUNK, h, d)
+    cf = jnp.cumsum(gf.astype(jnp.float32).reshape(shape), axis=2)
+    cb = lax.cumsum(gb.astype(jnp.float32).reshape(shape), axis=2, reverse=True)
+    return cf.reshape(gf.shape), cb.reshape(gb.shape)
+
+
+def _pad_tokens(x: jax.Array, extra: int) -> jax.Array:
+    return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
+
+
+def bidirectional_chunked(x, y, z, gf, gb, *, out_scale: float, out_dtype, interpret=False):
+    """``out_scale * (forward + backward GLA)`` with key-channel gates, on Mosaic GPU.
+
+    Args:
+      x, y: [B, N, H, Dk] query-role and key-role inputs (bf16 or f16).
+      z: [B, N, H, Dv] value-role input (same dtype).
+      gf, gb: [B, N, H, Dk] per-token log gates (<= 0) of the two directions.
+      out_scale: factor applied to the sum of the two directions.
+      out_dtype: dtype of the result.
+      interpret: ``False``, or a ``plgpu.InterpretGPUParams`` to run on the CPU.
+
+    Returns:
+      [B, N, H, Dv] in ``out_dtype``.
+    """
+    bsz, n, h, dk = x.shape
+    dv = z.shape[-1]
+    op_dtype = x.dtype
+    n_chunks = -(-n // CHUNK)
+    n_pad = n_chunks * CHUNK
+    x, y, z, gf, gb = (_pad_tokens(a, n_pad - n) for a in (x, y, z, gf, gb))
+    cf, cb = _chunk_cumsums(gf, gb)
+    kernel = functools.partial(
+        _chunk_kernel, n_chunks=n_chunks, out_scale=out_scale, op_dtype=op_dtype
+    )
+    # One swizzle for every wgmma operand: Mosaic GPU wants A's and B's tilings to match.
+    kt = _smem_transforms(dk, op_dtype)
+    scratch = [
+        plgpu.SMEM((CHUNK, dk), op_dtype),  # x
+        plgpu.SMEM((CHUNK, dk), op_dtype),  # y
+        plgpu.SMEM((CHUNK, dv), op_dtype, transforms=kt),  # z
+        plgpu.SMEM((CHUNK, dk), jnp.float32),  # cumulative gates
+        plgpu.SMEM((CHUNK, dv), out_dtype),  # output tile
+        plgpu.SMEM((CHUNK, dv), jnp.float32),  # backward-direction output tile
+        # wgmma operands (see _direction_chunk)
+        plgpu.SMEM((dv, dk), op_dtype, transforms=kt),
+        plgpu.SMEM((CHUNK, dk), op_dtype, transforms=kt),
+        plgpu.SMEM((CHUNK // SUB, CHUNK, dk), op_dtype, transforms=kt),
+        plgpu.SMEM((CHUNK // SUB, CHUNK, dk), op_dtype, transforms=kt),
+        plgpu.SMEM((CHUNK, dk), op_dtype, transforms=kt),
+        plgpu.SMEM((CHUNK, CHUNK), op_dtype, transforms=kt),
+        plgpu.Barrier(num_barriers=5),
+    ]
+    out, _ = plgpu.kernel(
+        kernel,
+        out_type=(
+            jax.ShapeDtypeStruct((bsz, n_pad, h, dv), out_dtype),
+            jax.ShapeDtypeStruct((bsz, n_pad, h, dv), jnp.float32),
+        ),
+        scratch_types=scratch,
+        grid=(bsz, h),
+        grid_names=("b", "h"),
+        interpret=interpret,
+    )(x, y, z, cf, cb)
+    return out[:, :n]
