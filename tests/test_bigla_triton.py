@@ -93,11 +93,11 @@ def _cuda_lowering_text(shape, dtype, config):
 
 @pytest.mark.parametrize(
     ("dtype", "config", "calls"),
-    [(jnp.float32, triton.Config(), 2), (jnp.bfloat16, triton.Config(segments=3), 4)],
+    [(jnp.float32, triton.Config(segments=1), 4), (jnp.bfloat16, triton.Config(segments=3), 6)],
     ids=["fp32", "bf16-segments"],
 )
 def test_forward_and_backward_lower_to_triton_for_cuda(dtype, config, calls):
-    """Forward + backward kernels (and the segment summaries) go through the Triton lowering."""
+    """States, chunk and (with segments) fold kernels of both passes lower through Triton."""
     text = _cuda_lowering_text((2, 197, 3, 32, 64), dtype, config)
     assert text.count("__gpu$xla.gpu.triton") == calls
 

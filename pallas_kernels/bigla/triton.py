@@ -1,29 +1,28 @@
 """BiGLA as Pallas kernels with the Triton lowering: forward and backward, behind custom_vjp.
 
-Both scan directions run in the same programs; nothing is flipped or stacked in device memory.
-One program owns one (batch, head, sequence segment) and walks its chunks of ``BT`` tokens:
+Both scan directions are handled by the same programs, and nothing is flipped or stacked in
+device memory. The sequence is cut into chunks of ``BT`` tokens (FLA's ``chunk`` algorithm):
 
-* **forward** (one launch): sweep 1 walks the chunks right to left and keeps only the backward
-  direction's fp32 state ``[Dk, Dv]``, storing the state that enters each chunk; sweep 2 walks
-  left to right with the forward state in registers and writes each output row once
-  (intra-chunk part of both directions + both inter-chunk parts).
-* **backward** (one launch): sweep 1 (right to left) stores, per chunk, the backward-direction
-  state and the gradient of the forward-direction state; sweep 2 (left to right) carries the
-  other two (forward state, gradient of the backward state) and writes dq, dk, dv and both gate
-  gradients of each chunk once. States are recomputed, never saved by the forward.
-* **long sequences**: with ``NS > 1`` segments per sequence, a first launch computes each
-  segment's state summaries (decay and increment of every carried quantity); each program then
-  folds its neighbours' summaries into its incoming carries.
+* **states** (one program per batch, head and sequence segment, sequential over its chunks):
+  the forward-direction state ``[Dk, Dv]`` walks left to right while the backward-direction
+  state walks right to left in the same loop; the state entering each chunk is stored. The
+  backward pass also carries the gradients of both states (reading q and the cotangent).
+* **segments** (long sequences only): each segment's summary (decay and state) is folded into
+  the state entering every segment by a tiny kernel, and added back per chunk.
+* **chunk** (one program per batch, head and chunk, fully parallel): the forward writes the
+  output rows of the chunk once (intra-chunk part of both directions + both inter-chunk
+  parts); the backward writes dq, dk, dv and both gate gradients of the chunk once.
 
-Inside a chunk, sub-chunks of ``BC = 16`` rows: off-diagonal sub-blocks are tensor-core products
-of gate-rescaled operands around the sub-chunk boundary, diagonal sub-blocks exact elementwise
-``[BC, BC, Dk]`` products. Every exponent is <= 0 (masked before ``exp``), and every exponent is
-built from sums of gates over at most one sub-chunk plus whole sub-chunk totals, so that fp32
-keeps the digits the gate gradients need even for steep gates (chunk sums of -160).
+Inside a chunk (64 rows = 4 sub-chunks of 16): scores between different sub-chunks are tensor
+core products of gate-rescaled operands around the sub-chunk boundary; inside a sub-chunk they
+are exact elementwise products (one key row of every sub-chunk per step). Every exponent is
+<= 0 (masked before ``exp``) and is built from sums of gates within one sub-chunk plus whole
+sub-chunk totals, with the exponents of neighbouring tokens exactly the gate in between, so
+fp32 keeps the digits that the gate gradients of steep gates need.
 
-Gate gradients follow FLA's chunk decomposition (no sequence-long cumulative sum): per chunk,
-cumulative sums of ``q*dq - k*dk`` over the rows of the chunk (without the token's own pair,
-whose two terms would cancel), plus the pairs that cross the chunk, ``exp(T) sum(S * dS)``.
+Gate gradients follow FLA's chunk decomposition (no sequence-long cumulative sum): cumulative
+sums of ``q*dq - k*dk`` over the chunk's rows (without each token's own pair, whose two terms
+cancel) plus ``exp(T) sum(S * dS)`` for the pairs that cross the whole chunk.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-SUB = 16  # rows per sub-chunk (BC)
+SUB = 16  # rows per sub-chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,20 +45,20 @@ class Config:
 
     Attributes:
       chunk: tokens per chunk (BT), a power of two multiple of 16; shorter sequences use less.
-      num_warps: warps per program (Triton).
-      num_stages: software-pipelining stages of the chunk loops (Triton).
-      segments: sequence segments per (batch, head) (NS); None picks enough programs to fill
-        ``target_programs``.
-      target_programs: programs wanted for the automatic ``segments``.
-      min_chunks_per_segment: lower bound on a segment's length for the automatic choice.
+      num_warps: warps per program of the chunk-parallel kernels.
+      num_stages: software-pipelining stages (Triton) of all kernels.
+      state_warps: warps per program of the sequential state kernel.
+      segments: sequence segments per (batch, head) for the state kernel; None picks enough to
+        give ``target_programs`` programs with at least ``min_chunks_per_segment`` chunks each.
     """
 
     chunk: int = 64
     num_warps: int = 4
     num_stages: int = 1
+    state_warps: int = 4
     segments: int | None = None
     target_programs: int = 264
-    min_chunks_per_segment: int = 4
+    min_chunks_per_segment: int = 2
 
     def __post_init__(self):
         if self.chunk < SUB or self.chunk & (self.chunk - 1):
@@ -91,22 +90,29 @@ class _Dims:
     def n_pad(self) -> int:
         return _next_pow2(self.nc * self.bt)
 
+    @property
+    def nc_pad(self) -> int:
+        return _next_pow2(self.nc)
+
+    @property
+    def ns_pad(self) -> int:
+        return _next_pow2(self.ns)
+
 
 def _next_pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
 
-def _dims(q, v, scale, config: Config, batch_heads: int) -> _Dims:
-    _, n, _, dk = q.shape
+def _dims(q, v, scale, config: Config) -> _Dims:
+    b, n, h, dk = q.shape
     dv = v.shape[-1]
     bt = min(config.chunk, max(SUB, _next_pow2(n)))
     nc = -(-n // bt)
     if config.segments is not None:
         ns = min(config.segments, nc)
     else:
-        ns = max(
-            1, min(-(-config.target_programs // batch_heads), nc // config.min_chunks_per_segment)
-        )
+        want = -(-config.target_programs // (b * h))
+        ns = max(1, min(want, nc // config.min_chunks_per_segment))
     cps = -(-nc // ns)
     ns = -(-nc // cps)
     low = jnp.finfo(jnp.result_type(q.dtype, v.dtype)).bits < 32
@@ -125,12 +131,12 @@ def _dims(q, v, scale, config: Config, batch_heads: int) -> _Dims:
 
 
 # ----------------------------------------------------------------------------------------------
-# In-kernel building blocks (values are 2-D tiles; refs are [N_pad, D] views of one (b, h)).
+# In-kernel building blocks. Refs of inputs are [N_pad, D] views of one (batch, head).
 # ----------------------------------------------------------------------------------------------
 
 
 def _dot(a, b, contract, dims: _Dims):
-    """fp32-accumulated 2-D product; ``contract`` = ((a_axis,), (b_axis,))."""
+    """fp32-accumulated 2-D product in the dot dtype; ``contract`` = ((a_axis,), (b_axis,))."""
     return lax.dot_general(
         a.astype(dims.dot_dtype),
         b.astype(dims.dot_dtype),
@@ -144,465 +150,399 @@ def _mm(a, b, dims):  # a [M, K] @ b [K, N]
     return _dot(a, b, ((1,), (0,)), dims)
 
 
-def _mm_nt(a, b, dims):  # a [M, K] @ b[N, K]^T
+def _mm_nt(a, b, dims):  # a [M, K] @ b [N, K]^T
     return _dot(a, b, ((1,), (1,)), dims)
 
 
-def _mm_tn(a, b, dims):  # a[K, M]^T @ b [K, N]
+def _mm_tn(a, b, dims):  # a [K, M]^T @ b [K, N]
     return _dot(a, b, ((0,), (0,)), dims)
 
 
-def _load_rows(ref, row0, n: int, dtype=None):
-    """Rows ``row0 .. row0 + SUB`` of a [N_pad, D] ref; rows >= n read as 0."""
-    rows = row0 + lax.broadcasted_iota(jnp.int32, (SUB, ref.shape[-1]), 0)
-    x = plt.load(ref.at[pl.ds(row0, SUB), :], mask=rows < n, other=0)
-    return x if dtype is None else x.astype(dtype)
+def _iota(shape, axis):
+    return lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
-def _store_rows(ref, row0, n: int, x):
-    rows = row0 + lax.broadcasted_iota(jnp.int32, (SUB, ref.shape[-1]), 0)
-    plt.store(ref.at[pl.ds(row0, SUB), :], x.astype(ref.dtype), mask=rows < n)
+def _load_chunk_rows(ref, c, dims: _Dims, dtype=jnp.float32):
+    """Rows of chunk ``c`` of a [N_pad, D] ref as [BT, D] ``dtype``; rows >= N read as 0."""
+    shape = (dims.bt, ref.shape[-1])
+    rows = c * dims.bt + _iota(shape, 0)
+    x = plt.load(ref.at[pl.ds(c * dims.bt, dims.bt), :], mask=rows < dims.n, other=0)
+    return x.astype(dtype)
+
+
+def _store_chunk_rows(ref, c, dims: _Dims, x):
+    shape = (dims.bt, ref.shape[-1])
+    rows = c * dims.bt + _iota(shape, 0)
+    plt.store(ref.at[pl.ds(c * dims.bt, dims.bt), :], x.astype(ref.dtype), mask=rows < dims.n)
+
+
+def _load_column(ref, c, j, dims: _Dims):
+    """Row ``j`` of every sub-chunk of chunk ``c``: [S, D] fp32 (rows >= N read as 0)."""
+    shape = (dims.subs, ref.shape[-1])
+    rows = c * dims.bt + SUB * _iota(shape, 0) + j
+    x = plt.load(ref.at[rows, _iota(shape, 1)], mask=rows < dims.n, other=0)
+    return x.astype(jnp.float32)
+
+
+def _per_row(x_sub, dims: _Dims):
+    """[S, D] per sub-chunk -> [BT, D] (each sub-chunk's row repeated over its rows)."""
+    s, d = x_sub.shape
+    return jnp.broadcast_to(x_sub[:, None, :], (s, SUB, d)).reshape(dims.bt, d)
+
+
+def _sub_sums(x, dims: _Dims):
+    """[BT, D] -> [S, D] sums over each sub-chunk's rows."""
+    return jnp.sum(x.reshape(dims.subs, SUB, x.shape[-1]), axis=1)
+
+
+def _pick_row(x, j, dims: _Dims):
+    """[BT, D] -> [S, D]: row ``j`` of every sub-chunk (an exact copy)."""
+    local = _iota(x.shape, 0) % SUB
+    return _sub_sums(jnp.where(local == j, x, 0.0), dims)
+
+
+def _sub_range_sums(t, select):
+    """sum_m select(out, m) t[m]: [S, D] -> [S, D]; ``select`` gets [S, S, 1] ids (out, m)."""
+    s = t.shape[0]
+    out_id, m_id = _iota((s, s, 1), 0), _iota((s, s, 1), 1)
+    return jnp.sum(jnp.where(select(out_id, m_id), t[None, :, :], 0.0), axis=1)
 
 
 @dataclasses.dataclass
-class _Sub:
-    """One sub-chunk of SUB rows: tiles and the gate sums of both directions.
+class _Gates:
+    """Gate exponents of one chunk (all <= 0), [BT, Dk] fp32 unless noted.
 
-    Gate sums are over the sub-chunk only (<= 16 gates, so fp32 differences of them keep their
-    digits): pf/pb inclusive prefix sums, tf/tb totals, xf the exclusive suffix sum of gf,
-    xb the exclusive prefix sum of gb, sb the inclusive suffix sum of gb.
+    Local (within each 16-row sub-chunk): pf inclusive prefix and xf exclusive suffix of gf;
+    xb exclusive prefix and sb inclusive suffix of gb; tf, tb [S, Dk] sub-chunk totals (exact
+    copies of the last prefix sums, so that xf and sb are exactly 0 / the gate on the edges).
+    Chunk level: qf / qb query exponents (rows to the chunk's start / end), kf / kb key
+    exponents (rows after / before the row to the chunk's end / start); totals [Dk].
     """
 
-    q: jax.Array | None
-    k: jax.Array | None
-    v: jax.Array | None
-    do: jax.Array | None
     pf: jax.Array
     xf: jax.Array
-    tf: jax.Array
     xb: jax.Array
     sb: jax.Array
+    tf: jax.Array
     tb: jax.Array
+    qf: jax.Array
+    kf: jax.Array
+    qb: jax.Array
+    kb: jax.Array
+    total_f: jax.Array
+    total_b: jax.Array
 
 
-def _load_sub(refs, row0, dims: _Dims, *, q=True, k=True, v=True, do=False) -> _Sub:
-    """Loads the tiles of one sub-chunk and computes its local gate sums."""
-    q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref = refs
-    gf = _load_rows(gf_ref, row0, dims.n, jnp.float32)
-    gb = _load_rows(gb_ref, row0, dims.n, jnp.float32)
-    pf, tf = jnp.cumsum(gf, axis=0), jnp.sum(gf, axis=0)
-    pb, tb = jnp.cumsum(gb, axis=0), jnp.sum(gb, axis=0)
-    load = lambda ref, want: _load_rows(ref, row0, dims.n) if want else None
-    scaled_do = None
-    if do:
-        scaled_do = _load_rows(do_ref, row0, dims.n, jnp.float32) * (0.5 * dims.scale)
-    return _Sub(
-        q=load(q_ref, q),
-        k=load(k_ref, k),
-        v=load(v_ref, v),
-        do=scaled_do,
+def _gates(gf, gb, dims: _Dims) -> _Gates:
+    s, d = dims.subs, gf.shape[-1]
+    pf = jnp.cumsum(gf.reshape(s, SUB, d), axis=1).reshape(dims.bt, d)
+    pb = jnp.cumsum(gb.reshape(s, SUB, d), axis=1).reshape(dims.bt, d)
+    tf = _pick_row(pf, SUB - 1, dims)
+    tb = _pick_row(pb, SUB - 1, dims)
+    xf = _per_row(tf, dims) - pf
+    xb = pb - gb
+    sb = _per_row(tb, dims) - pb + gb
+    before = lambda t: _sub_range_sums(t, lambda out, m: m < out)
+    after = lambda t: _sub_range_sums(t, lambda out, m: m > out)
+    return _Gates(
         pf=pf,
-        xf=tf[None, :] - pf,
+        xf=xf,
+        xb=xb,
+        sb=sb,
         tf=tf,
-        xb=pb - gb,
-        sb=tb[None, :] - pb + gb,
         tb=tb,
+        qf=pf + _per_row(before(tf), dims),
+        kf=xf + _per_row(after(tf), dims),
+        qb=sb + _per_row(after(tb), dims),
+        kb=xb + _per_row(before(tb), dims),
+        total_f=jnp.sum(tf, axis=0),
+        total_b=jnp.sum(tb, axis=0),
     )
 
 
-def _load_chunk(refs, c, dims: _Dims, **want) -> list[_Sub]:
-    return [_load_sub(refs, c * dims.bt + m * SUB, dims, **want) for m in range(dims.subs)]
+def _boundary_factors(g: _Gates, dims: _Dims):
+    """Per sub-chunk boundary, the key-side decay factors of the off-diagonal sub-blocks.
 
-
-def _partial_sums(vectors):
-    """(before, after): sums of the vectors strictly before / after each index (zeros at ends)."""
-    zero = jnp.zeros_like(vectors[0])
-    before, after = [zero], [zero]
-    for x in vectors[:-1]:
-        before.append(before[-1] + x)
-    for x in vectors[:0:-1]:
-        after.append(after[-1] + x)
-    return before, after[::-1]
-
-
-def _between(vectors, lo, hi):
-    """Sum of vectors[lo + 1 .. hi - 1] (None when empty)."""
-    inner = vectors[lo + 1 : hi]
-    return functools.reduce(lambda a, b: a + b, inner) if inner else None
-
-
-@dataclasses.dataclass
-class _ChunkGates:
-    """Chunk-level gate exponents per sub-chunk m (all <= 0)."""
-
-    q_f: list  # forward query: sum of gf from the chunk start to the row (inclusive)
-    k_f: list  # forward key: sum of gf after the row to the chunk end
-    q_b: list  # backward query: sum of gb from the row to the chunk end (inclusive)
-    k_b: list  # backward key: sum of gb from the chunk start to before the row
-    tf: jax.Array  # chunk totals [Dk]
-    tb: jax.Array
-
-
-def _chunk_gates(subs: list[_Sub]) -> _ChunkGates:
-    bf, af = _partial_sums([s.tf for s in subs])
-    bb, ab = _partial_sums([s.tb for s in subs])
-    return _ChunkGates(
-        q_f=[s.pf + bf[m][None, :] for m, s in enumerate(subs)],
-        k_f=[s.xf + af[m][None, :] for m, s in enumerate(subs)],
-        q_b=[s.sb + ab[m][None, :] for m, s in enumerate(subs)],
-        k_b=[s.xb + bb[m][None, :] for m, s in enumerate(subs)],
-        tf=bf[-1] + subs[-1].tf,
-        tb=bb[-1] + subs[-1].tb,
-    )
-
-
-def _pair_index():
-    r = lax.broadcasted_iota(jnp.int32, (SUB, SUB, 1), 0)
-    s = lax.broadcasted_iota(jnp.int32, (SUB, SUB, 1), 1)
-    return r, s
-
-
-def _diag_decay(sub: _Sub):
-    """exp of the pair exponents inside a sub-chunk: [r, s, Dk].
-
-    Forward (s < r): sum_{s<u<=r} gf_u; backward (s > r): sum_{r<=u<s} gb_u; 0 on the diagonal
-    (so the diagonal holds 1). Returns (decay, r, s) with r, s the [BC, BC, 1] row/column ids.
+    Yields (direction, i, key_factor) where key_factor [BT, Dk] is exp(key exponent to the
+    boundary of query sub-chunk i) on the key rows of that direction (sub-chunks before i for
+    the forward direction, after i for the backward one) and 0 elsewhere.
     """
-    r, s = _pair_index()
-    fwd = sub.pf[:, None, :] - sub.pf[None, :, :]
-    bwd = sub.xb[None, :, :] - sub.xb[:, None, :]
-    return jnp.exp(jnp.where(r > s, fwd, jnp.where(r < s, bwd, 0.0))), r, s
+    sub = _iota((dims.bt, 1), 0) // SUB
+    e_xf, e_xb = jnp.exp(g.xf), jnp.exp(g.xb)
+    for i in range(1, dims.subs):  # forward: keys in sub-chunks m < i, query sub-chunk i
+        between = _sub_range_sums(g.tf, lambda out, m, i=i: (m > out) & (m < i))
+        yield "f", i, jnp.where(sub < i, e_xf * _per_row(jnp.exp(between), dims), 0.0)
+    for i in range(dims.subs - 1):  # backward: keys in sub-chunks m > i
+        between = _sub_range_sums(g.tb, lambda out, m, i=i: (m < out) & (m > i))
+        yield "b", i, jnp.where(sub > i, e_xb * _per_row(jnp.exp(between), dims), 0.0)
 
 
-def _inter_key_increment(k_tiles, v_tiles, key_exps, dims):
-    """sum_m (k_m * exp(key_exp_m))^T v_m: [Dk, Dv] fp32."""
-    out = None
-    for k, v, e in zip(k_tiles, v_tiles, key_exps, strict=True):
-        term = _mm_tn(k.astype(jnp.float32) * jnp.exp(e), v, dims)
-        out = term if out is None else out + term
-    return out
+def _diag_weights(g: _Gates, j, dims: _Dims):
+    """Exact weights of key row j of every sub-chunk against all rows of its sub-chunk.
+
+    Returns (decay [BT, Dk], lower, upper, own) with lower/upper/own [BT, 1] masks of the rows
+    after / before / equal to the key row (forward / backward direction / the token itself);
+    decay is 0 outside the row's own sub-chunk relation and 1 on ``own``.
+    """
+    local = _iota((dims.bt, 1), 0) % SUB
+    lower, upper, own = local > j, local < j, local == j
+    fwd = g.pf - _per_row(_pick_row(g.pf, j, dims), dims)
+    bwd = _per_row(_pick_row(g.xb, j, dims), dims) - g.xb
+    decay = jnp.exp(jnp.where(lower, fwd, jnp.where(upper, bwd, 0.0)))
+    return decay, lower, upper, own
+
+
+def _scatter_column(a, j, dims: _Dims):
+    """[BT] scores of key row j of each row's sub-chunk -> [BT, BT] block-diagonal matrix."""
+    shape = (dims.bt, dims.bt)
+    row, col = _iota(shape, 0), _iota(shape, 1)
+    return jnp.where(col == (row // SUB) * SUB + j, a[:, None], 0.0)
+
+
+def _gather_column(m, j, dims: _Dims):
+    """[BT, BT] -> [BT]: entry (r, key row j of r's sub-chunk) of every row r."""
+    shape = (dims.bt, dims.bt)
+    row, col = _iota(shape, 0), _iota(shape, 1)
+    return jnp.sum(jnp.where(col == (row // SUB) * SUB + j, m, 0.0), axis=1)
+
+
+def _intra_scores(q32, k32, g: _Gates, k_ref, c, dims: _Dims):
+    """Intra-chunk score matrix of both directions, [BT, BT] fp32 (diagonal counted twice)."""
+    sub = _iota((dims.bt, 1), 0) // SUB
+    q_f, q_b = q32 * jnp.exp(g.pf), q32 * jnp.exp(g.sb)
+    a = jnp.zeros((dims.bt, dims.bt), jnp.float32)
+    for direction, i, key_factor in _boundary_factors(g, dims):
+        query = jnp.where(sub == i, q_f if direction == "f" else q_b, 0.0)
+        a += _mm_nt(query, k32 * key_factor, dims)
+
+    def column(j, a):
+        decay, _, _, own = _diag_weights(g, j, dims)
+        k_j = _per_row(_load_column(k_ref, c, j, dims), dims)
+        score = jnp.sum(q32 * k_j * (decay + own.astype(jnp.float32)), axis=1)
+        return a + _scatter_column(score, j, dims)
+
+    return lax.fori_loop(0, SUB, column, a)
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward
+# Kernels
 # ----------------------------------------------------------------------------------------------
 
 
-def _chunk_output(subs: list[_Sub], gates: _ChunkGates, s_f, s_b, dims: _Dims):
-    """Output rows of one chunk (both directions), per sub-chunk: [BC, Dv] fp32."""
-    n_sub = len(subs)
-    q32 = [s.q.astype(jnp.float32) for s in subs]
-    qf = [q * jnp.exp(s.pf) for q, s in zip(q32, subs, strict=True)]
-    qb = [q * jnp.exp(s.sb) for q, s in zip(q32, subs, strict=True)]
-    kf = [s.k.astype(jnp.float32) * jnp.exp(s.xf) for s in subs]
-    kb = [s.k.astype(jnp.float32) * jnp.exp(s.xb) for s in subs]
-    tf, tb = [s.tf for s in subs], [s.tb for s in subs]
-    outs = []
-    for i in range(n_sub):
-        acc = _mm(q32[i] * jnp.exp(gates.q_f[i]), s_f, dims)
-        acc += _mm(q32[i] * jnp.exp(gates.q_b[i]), s_b, dims)
-        for j in range(i):
-            between = _between(tf, j, i)
-            key = kf[j] if between is None else kf[j] * jnp.exp(between)[None, :]
-            acc += _mm(_mm_nt(qf[i], key, dims), subs[j].v, dims)
-        for j in range(i + 1, n_sub):
-            between = _between(tb, i, j)
-            key = kb[j] if between is None else kb[j] * jnp.exp(between)[None, :]
-            acc += _mm(_mm_nt(qb[i], key, dims), subs[j].v, dims)
-        decay, r, s = _diag_decay(subs[i])
-        weight = decay + (r == s).astype(jnp.float32)  # the token itself: once per direction
-        a_ii = jnp.sum(q32[i][:, None, :] * subs[i].k.astype(jnp.float32)[None, :, :] * weight, 2)
-        acc += _mm(a_ii, subs[i].v, dims)
-        outs.append(acc * (0.5 * dims.scale))
-    return outs
-
-
-def _segment_bounds(dims: _Dims):
+def _segment(dims: _Dims):
     seg = pl.program_id(2)
     first = seg * dims.cps
-    last = jnp.minimum(first + dims.cps, dims.nc)
-    return seg, first, last
+    return first, jnp.minimum(first + dims.cps, dims.nc)
 
 
-def _fold_summaries(dec_ref, inc_ref, seg, dims: _Dims, from_left: bool):
-    """The carry entering segment ``seg`` from its left (right) neighbours' summaries."""
+def _states_kernel(*refs, dims: _Dims, grads: bool):
+    """Sequential over the chunks of one segment: the carries entering every chunk.
 
-    def body(i, h):
-        src = i if from_left else dims.ns - 1 - i
-        return jnp.exp(dec_ref[src, :])[:, None] * h + inc_ref[src, :, :]
-
-    count = seg if from_left else dims.ns - 1 - seg
-    return lax.fori_loop(0, count, body, jnp.zeros((dims.dk, dims.dv), jnp.float32))
-
-
-def _forward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, *rest, dims: _Dims, barrier: bool):
-    if dims.ns > 1:
-        dec_f_ref, dec_b_ref, sum_f_ref, sum_b_ref, o_ref, hb_ref = rest
-    else:
-        o_ref, hb_ref = rest
-    refs = (q_ref, k_ref, v_ref, gf_ref, gb_ref, None)
-    seg, first, last = _segment_bounds(dims)
-    zero = jnp.zeros((dims.dk, dims.dv), jnp.float32)
-    if dims.ns > 1:
-        s_b0 = _fold_summaries(dec_b_ref, sum_b_ref, seg, dims, from_left=False)
-        s_f0 = _fold_summaries(dec_f_ref, sum_f_ref, seg, dims, from_left=True)
-    else:
-        s_b0 = s_f0 = zero
-
-    def right_to_left(i, s_b):
-        c = last - 1 - i
-        hb_ref[c, :, :] = s_b
-        subs = _load_chunk(refs, c, dims, q=False)
-        gates = _chunk_gates(subs)
-        inc = _inter_key_increment([s.k for s in subs], [s.v for s in subs], gates.k_b, dims)
-        return jnp.exp(gates.tb)[:, None] * s_b + inc
-
-    lax.fori_loop(0, last - first, right_to_left, s_b0)
-    if barrier:  # sweep 2 reads states that other threads stored (no-op when interpreted)
-        plt.debug_barrier()
-
-    def left_to_right(c, s_f):
-        subs = _load_chunk(refs, c, dims)
-        gates = _chunk_gates(subs)
-        outs = _chunk_output(subs, gates, s_f, hb_ref[c, :, :], dims)
-        for m, o in enumerate(outs):
-            _store_rows(o_ref, c * dims.bt + m * SUB, dims.n, o)
-        inc = _inter_key_increment([s.k for s in subs], [s.v for s in subs], gates.k_f, dims)
-        return jnp.exp(gates.tf)[:, None] * s_f + inc
-
-    lax.fori_loop(first, last, left_to_right, s_f0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Segment summaries (NS > 1)
-# ----------------------------------------------------------------------------------------------
-
-
-def _summary_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, *rest, dims: _Dims, grads: bool):
-    """Per segment: log decays (sum of gates) and carried increments of every carry.
-
-    Outputs (one row per segment): dec_f, dec_b [Dk]; sum_f, sum_b [Dk, Dv] (states leaving the
-    segment to the right / to the left); with grads also dsum_f (gradient of the forward state
-    carried to the left) and dsum_b (gradient of the backward state carried to the right).
+    Carries: forward state h_f (left to right), backward state h_b (right to left); with
+    ``grads`` also the gradient of the forward state dF (right to left) and of the backward
+    state dB (left to right). Per chunk it stores the segment-local carry; with segments it
+    also stores the log decays from the segment's edge and the segment's own summary.
     """
-    if grads:
-        do_ref, dec_f_ref, dec_b_ref, sum_f_ref, sum_b_ref, dsum_f_ref, dsum_b_ref = rest
-    else:
-        do_ref = None
-        dec_f_ref, dec_b_ref, sum_f_ref, sum_b_ref = rest
-    refs = (q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref)
-    seg, first, last = _segment_bounds(dims)
+    n_in = 6 if grads else 5
+    q_ref, k_ref, v_ref, gf_ref, gb_ref = refs[:5]
+    do_ref = refs[5] if grads else None
+    outs = list(refs[n_in:])
+    n_carry = 4 if grads else 2
+    carry_refs, outs = outs[:n_carry], outs[n_carry:]
+    segmented = dims.ns > 1
+    if segmented:
+        log_refs, outs = outs[:n_carry], outs[n_carry:]  # per chunk
+        sum_refs, outs = outs[:n_carry], outs[n_carry:]  # per segment
+        seg_log_f_ref, seg_log_b_ref = outs
+    first, last = _segment(dims)
     zero_s = jnp.zeros((dims.dk, dims.dv), jnp.float32)
     zero_d = jnp.zeros((dims.dk,), jnp.float32)
 
-    def body(c, carry):
-        log_f, log_b, s_f, s_b, ds_f, ds_b = carry
-        subs = _load_chunk(refs, c, dims, q=grads, do=grads)
-        gates = _chunk_gates(subs)
-        k_tiles, v_tiles = [s.k for s in subs], [s.v for s in subs]
-        s_f = jnp.exp(gates.tf)[:, None] * s_f + _inter_key_increment(
-            k_tiles, v_tiles, gates.k_f, dims
-        )
-        s_b = s_b + jnp.exp(log_b)[:, None] * _inter_key_increment(
-            k_tiles, v_tiles, gates.k_b, dims
-        )
+    def load(c):
+        gf = _load_chunk_rows(gf_ref, c, dims)
+        gb = _load_chunk_rows(gb_ref, c, dims)
+        k = _load_chunk_rows(k_ref, c, dims)
+        v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
+        q = _load_chunk_rows(q_ref, c, dims) if grads else None
+        do = None
         if grads:
-            q_tiles, do_tiles = [s.q for s in subs], [s.do for s in subs]
-            ds_f = ds_f + jnp.exp(log_f)[:, None] * _inter_key_increment(
-                q_tiles, do_tiles, gates.q_f, dims
-            )
-            ds_b = jnp.exp(gates.tb)[:, None] * ds_b + _inter_key_increment(
-                q_tiles, do_tiles, gates.q_b, dims
-            )
-        return log_f + gates.tf, log_b + gates.tb, s_f, s_b, ds_f, ds_b
+            do = _load_chunk_rows(do_ref, c, dims) * (0.5 * dims.scale)
+        return q, k, v, do, _gates(gf, gb, dims)
 
-    init = (zero_d, zero_d, zero_s, zero_s, zero_s, zero_s)
-    log_f, log_b, s_f, s_b, ds_f, ds_b = lax.fori_loop(first, last, body, init)
-    dec_f_ref[...] = log_f
-    dec_b_ref[...] = log_b
-    sum_f_ref[...] = s_f
-    sum_b_ref[...] = s_b
+    def body(i, carry):
+        # Left-to-right carries on chunk c_l, right-to-left carries on chunk c_r.
+        states, logs = carry
+        c_l, c_r = first + i, last - 1 - i
+        h_f, h_b = states[0], states[1]
+        stores = [(0, c_l, h_f), (1, c_r, h_b)]
+        if grads:
+            d_f, d_b = states[2], states[3]
+            stores += [(2, c_r, d_f), (3, c_l, d_b)]
+        for idx, c, x in stores:
+            carry_refs[idx][c, :, :] = x.astype(carry_refs[idx].dtype)
+        q, k, v, do, g = load(c_l)
+        h_f = jnp.exp(g.total_f)[:, None] * h_f + _mm_tn(k * jnp.exp(g.kf), v, dims)
+        left_f, left_b = g.total_f, g.total_b
+        if grads:
+            d_b = jnp.exp(g.total_b)[:, None] * d_b + _mm_tn(q * jnp.exp(g.qb), do, dims)
+        q, k, v, do, g = load(c_r)
+        h_b = jnp.exp(g.total_b)[:, None] * h_b + _mm_tn(k * jnp.exp(g.kb), v, dims)
+        right_f, right_b = g.total_f, g.total_b
+        if grads:
+            d_f = jnp.exp(g.total_f)[:, None] * d_f + _mm_tn(q * jnp.exp(g.qf), do, dims)
+        if segmented:
+            # log decay from the segment's left edge to c_l (f) / right edge to c_r (b), etc.
+            lf_l, lb_l, lf_r, lb_r = logs
+            log_refs[0][c_l, :] = lf_l
+            log_refs[1][c_r, :] = lb_r
+            if grads:
+                log_refs[2][c_r, :] = lf_r
+                log_refs[3][c_l, :] = lb_l
+            logs = (lf_l + left_f, lb_l + left_b, lf_r + right_f, lb_r + right_b)
+        new = (h_f, h_b, d_f, d_b) if grads else (h_f, h_b)
+        return new, logs
+
+    init = ((zero_s,) * n_carry, (zero_d,) * 4)
+    states, logs = lax.fori_loop(0, last - first, body, init)
+    if segmented:
+        for ref, x in zip(sum_refs, states, strict=True):
+            ref[...] = x
+        seg_log_f_ref[...] = logs[0]
+        seg_log_b_ref[...] = logs[1]
+
+
+def _fold_kernel(log_f_ref, log_b_ref, *refs, dims: _Dims, grads: bool):
+    """Carries entering every segment from the segment summaries (sequential over segments)."""
+    n = 4 if grads else 2
+    sum_refs, in_refs = refs[:n], refs[n:]
+    # (summary index, log decay ref, from the left?) for h_f, h_b, dF, dB.
+    plan = [(0, log_f_ref, True), (1, log_b_ref, False)]
     if grads:
-        dsum_f_ref[...] = ds_f
-        dsum_b_ref[...] = ds_b
+        plan += [(2, log_f_ref, False), (3, log_b_ref, True)]
+    zero = jnp.zeros((dims.dk, dims.dv), jnp.float32)
+
+    def body(i, carries):
+        new = []
+        for (idx, log_ref, from_left), h in zip(plan, carries, strict=True):
+            seg = i if from_left else dims.ns - 1 - i
+            in_refs[idx][seg, :, :] = h
+            new.append(jnp.exp(log_ref[seg, :])[:, None] * h + sum_refs[idx][seg, :, :])
+        return tuple(new)
+
+    lax.fori_loop(0, dims.ns, body, (zero,) * n)
 
 
-# ----------------------------------------------------------------------------------------------
-# Backward
-# ----------------------------------------------------------------------------------------------
+def _carries_of_chunk(c, carry_refs, seg_refs, dims: _Dims):
+    """The four (or two) carries of chunk c in fp32, with the segments' incoming parts."""
+    out = [ref[c, :, :].astype(jnp.float32) for ref in carry_refs]
+    if dims.ns > 1:
+        log_refs, in_refs = seg_refs
+        seg = c // dims.cps
+        for idx in range(len(out)):
+            decay = jnp.exp(log_refs[idx][c, :])[:, None]
+            out[idx] = out[idx] + decay * in_refs[idx][seg, :, :]
+    return out
 
 
-def _suffix_in_chunk(rows, totals_after):
-    """Inclusive suffix sums over a chunk's rows, sub-chunk by sub-chunk."""
-    return [
-        jnp.sum(x, 0)[None, :] - jnp.cumsum(x, axis=0) + x + t[None, :]
-        for x, t in zip(rows, totals_after, strict=True)
-    ]
+def _forward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, *refs, dims: _Dims):
+    carry_refs, refs = refs[:2], refs[2:]
+    seg_refs = None
+    if dims.ns > 1:
+        seg_refs, refs = (refs[:2], refs[2:4]), refs[4:]
+    (o_ref,) = refs
+    c = pl.program_id(2)
+    q32 = _load_chunk_rows(q_ref, c, dims)
+    k32 = _load_chunk_rows(k_ref, c, dims)
+    v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
+    g = _gates(_load_chunk_rows(gf_ref, c, dims), _load_chunk_rows(gb_ref, c, dims), dims)
+    h_f, h_b = _carries_of_chunk(c, carry_refs, seg_refs, dims)
+    a = _intra_scores(q32, k32, g, k_ref, c, dims)
+    o = _mm(a, v, dims)
+    o += _mm(q32 * jnp.exp(g.qf), h_f, dims)
+    o += _mm(q32 * jnp.exp(g.qb), h_b, dims)
+    _store_chunk_rows(o_ref, c, dims, o * (0.5 * dims.scale))
 
 
-def _chunk_gradients(subs, gates: _ChunkGates, s_f, s_b, ds_f, ds_b, dims: _Dims):
-    """All five gradients of one chunk's rows, per sub-chunk.
-
-    Args:
-      subs: the chunk's sub-chunks (with q, k, v and the scaled output cotangent do).
-      s_f: forward state entering the chunk (from the left); s_b: backward state entering it
-        (from the right). ds_f: gradient of the forward state leaving the chunk; ds_b: gradient
-        of the backward state leaving the chunk (to the left). All [Dk, Dv] fp32.
-
-    Returns:
-      (dq, dk, dv, dgf, dgb): lists over sub-chunks of [BC, D] fp32 tiles.
-    """
-    n_sub = len(subs)
-    q32 = [s.q.astype(jnp.float32) for s in subs]
-    k32 = [s.k.astype(jnp.float32) for s in subs]
-    tf, tb = [s.tf for s in subs], [s.tb for s in subs]
-    e_pf = [jnp.exp(s.pf) for s in subs]
-    e_sb = [jnp.exp(s.sb) for s in subs]
-    e_xf = [jnp.exp(s.xf) for s in subs]
-    e_xb = [jnp.exp(s.xb) for s in subs]
-    qf = [q * e for q, e in zip(q32, e_pf, strict=True)]
-    qb = [q * e for q, e in zip(q32, e_sb, strict=True)]
+def _backward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims: _Dims):
+    """All five gradients of one chunk's rows (see the module docstring)."""
+    carry_refs, refs = refs[:4], refs[4:]
+    seg_refs = None
+    if dims.ns > 1:
+        seg_refs, refs = (refs[:4], refs[4:8]), refs[8:]
+    dq_ref, dk_ref, dv_ref, dgf_ref, dgb_ref = refs
+    c = pl.program_id(2)
+    q32 = _load_chunk_rows(q_ref, c, dims)
+    k32 = _load_chunk_rows(k_ref, c, dims)
+    v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
+    do = _load_chunk_rows(do_ref, c, dims) * (0.5 * dims.scale)
+    g = _gates(_load_chunk_rows(gf_ref, c, dims), _load_chunk_rows(gb_ref, c, dims), dims)
+    h_f, h_b, d_f, d_b = _carries_of_chunk(c, carry_refs, seg_refs, dims)
+    sub = _iota((dims.bt, 1), 0) // SUB
 
     # Inter-chunk terms.
-    e_qf = [jnp.exp(x) for x in gates.q_f]
-    e_qb = [jnp.exp(x) for x in gates.q_b]
-    e_kf = [jnp.exp(x) for x in gates.k_f]
-    e_kb = [jnp.exp(x) for x in gates.k_b]
-    dq_f = [_mm_nt(s.do, s_f, dims) * e for s, e in zip(subs, e_qf, strict=True)]
-    dq_b = [_mm_nt(s.do, s_b, dims) * e for s, e in zip(subs, e_qb, strict=True)]
-    dk_f_inter = [_mm_nt(s.v, ds_f, dims) * e for s, e in zip(subs, e_kf, strict=True)]
-    dk_b_inter = [_mm_nt(s.v, ds_b, dims) * e for s, e in zip(subs, e_kb, strict=True)]
-    dv = [
-        _mm(k * ef, ds_f, dims) + _mm(k * eb, ds_b, dims)
-        for k, ef, eb in zip(k32, e_kf, e_kb, strict=True)
-    ]
-    dk_f = [jnp.zeros_like(x) for x in k32]  # intra-chunk, strictly off the diagonal
-    dk_b = [jnp.zeros_like(x) for x in k32]
+    e_qf, e_qb, e_kf, e_kb = (jnp.exp(x) for x in (g.qf, g.qb, g.kf, g.kb))
+    dq_f = _mm_nt(do, h_f, dims) * e_qf
+    dq_b = _mm_nt(do, h_b, dims) * e_qb
+    dk_f_inter = _mm_nt(v, d_f, dims) * e_kf
+    dk_b_inter = _mm_nt(v, d_b, dims) * e_kb
+    dv = _mm(k32 * e_kf, d_f, dims) + _mm(k32 * e_kb, d_b, dims)
 
     # Off-diagonal sub-blocks.
-    for i in range(n_sub):
-        for j in range(n_sub):
-            if i == j:
-                continue
-            if i > j:  # forward direction: keys before the query
-                between = _between(tf, j, i)
-                q_side, k_side, e_key = qf[i], k32[j] * e_xf[j], e_xf[j]
-                e_query, dq_dir, dk_dir = e_pf[i], dq_f, dk_f
-            else:
-                between = _between(tb, i, j)
-                q_side, k_side, e_key = qb[i], k32[j] * e_xb[j], e_xb[j]
-                e_query, dq_dir, dk_dir = e_sb[i], dq_b, dk_b
-            if between is not None:
-                w = jnp.exp(between)[None, :]
-                k_side, e_key = k_side * w, e_key * w
-            a = _mm_nt(q_side, k_side, dims)  # [BC_i, BC_j]
-            da = _mm_nt(subs[i].do, subs[j].v, dims)
-            dq_dir[i] = dq_dir[i] + _mm(da, k_side, dims) * e_query
-            dk_dir[j] = dk_dir[j] + _mm_tn(da, q_side, dims) * e_key
-            dv[j] = dv[j] + _mm_tn(a, subs[i].do, dims)
+    da = _mm_nt(do, v, dims)  # [BT, BT]: d score[r, s]
+    a = jnp.zeros((dims.bt, dims.bt), jnp.float32)
+    dk_f = jnp.zeros_like(k32)  # intra-chunk, strictly off the token's own pair
+    dk_b = jnp.zeros_like(k32)
+    e_pf, e_sb = jnp.exp(g.pf), jnp.exp(g.sb)
+    for direction, i, key_factor in _boundary_factors(g, dims):
+        fwd = direction == "f"
+        query = jnp.where(sub == i, q32 * (e_pf if fwd else e_sb), 0.0)
+        key = k32 * key_factor
+        a += _mm_nt(query, key, dims)
+        dq_i = jnp.where(sub == i, _mm(da, key, dims) * (e_pf if fwd else e_sb), 0.0)
+        dk_i = _mm_tn(da, query, dims) * key_factor
+        if fwd:
+            dq_f, dk_f = dq_f + dq_i, dk_f + dk_i
+        else:
+            dq_b, dk_b = dq_b + dq_i, dk_b + dk_i
 
-    # Diagonal sub-blocks, exact; the token's own pair is kept out of the gate gradients.
-    dq_self, dk_self = [], []
-    for i in range(n_sub):
-        decay, r, s = _diag_decay(subs[i])
-        da = _mm_nt(subs[i].do, subs[i].v, dims)[:, :, None]  # [r, s, 1]
-        lower = jnp.where(r > s, decay, 0.0) * da
-        upper = jnp.where(r < s, decay, 0.0) * da
-        dq_f[i] = dq_f[i] + jnp.sum(lower * k32[i][None, :, :], axis=1)
-        dq_b[i] = dq_b[i] + jnp.sum(upper * k32[i][None, :, :], axis=1)
-        dk_f[i] = dk_f[i] + jnp.sum(lower * q32[i][:, None, :], axis=0)
-        dk_b[i] = dk_b[i] + jnp.sum(upper * q32[i][:, None, :], axis=0)
-        weight = decay + (r == s).astype(jnp.float32)
-        a_ii = jnp.sum(q32[i][:, None, :] * k32[i][None, :, :] * weight, 2)
-        dv[i] = dv[i] + _mm_tn(a_ii, subs[i].do, dims)
-        own = 2.0 * jnp.sum(subs[i].do * subs[i].v.astype(jnp.float32), axis=1)[:, None]
-        dq_self.append(own * k32[i])
-        dk_self.append(own * q32[i])
+    # Diagonal sub-blocks, exact, one key row of every sub-chunk per step.
+    def column(j, carry):
+        a, dq_f, dq_b, dk_f, dk_b = carry
+        decay, lower, upper, own = _diag_weights(g, j, dims)
+        k_j = _per_row(_load_column(k_ref, c, j, dims), dims)
+        own_f = own.astype(jnp.float32)
+        a += _scatter_column(jnp.sum(q32 * k_j * (decay + own_f), axis=1), j, dims)
+        da_j = _gather_column(da, j, dims)[:, None]  # [BT, 1]
+        w = da_j * decay
+        w_f, w_b = jnp.where(lower, w, 0.0), jnp.where(upper, w, 0.0)
+        dq_f += w_f * k_j
+        dq_b += w_b * k_j
+        local = _iota(k32.shape, 0) % SUB
+        dk_f += jnp.where(local == j, _per_row(_sub_sums(w_f * q32, dims), dims), 0.0)
+        dk_b += jnp.where(local == j, _per_row(_sub_sums(w_b * q32, dims), dims), 0.0)
+        return a, dq_f, dq_b, dk_f, dk_b
 
-    # Gate gradients. Forward: suffix sums of the query-side terms and of minus the intra key
-    # terms, prefix (exclusive) sums of the inter key terms; backward mirrored.
-    cross_f = jnp.exp(gates.tf) * jnp.sum(s_f * ds_f, axis=1)
-    cross_b = jnp.exp(gates.tb) * jnp.sum(s_b * ds_b, axis=1)
-    a_f = [q * dqf - k * dkf for q, k, dqf, dkf in zip(q32, k32, dq_f, dk_f, strict=True)]
-    b_f = [k * d for k, d in zip(k32, dk_f_inter, strict=True)]
-    a_b = [q * dqb - k * dkb for q, k, dqb, dkb in zip(q32, k32, dq_b, dk_b, strict=True)]
-    b_b = [k * d for k, d in zip(k32, dk_b_inter, strict=True)]
-    sa_f, sb_f = [jnp.sum(x, 0) for x in a_f], [jnp.sum(x, 0) for x in b_f]
-    sa_b, sb_b = [jnp.sum(x, 0) for x in a_b], [jnp.sum(x, 0) for x in b_b]
-    _, after_a_f = _partial_sums(sa_f)
-    before_b_f, _ = _partial_sums(sb_f)
-    before_a_b, _ = _partial_sums(sa_b)
-    _, after_b_b = _partial_sums(sb_b)
-    suffix_a_f = _suffix_in_chunk(a_f, after_a_f)
-    suffix_b_b = _suffix_in_chunk(b_b, after_b_b)
-    dgf, dgb = [], []
-    for m in range(n_sub):
-        prefix_b_f = jnp.cumsum(b_f[m], axis=0) - b_f[m] + before_b_f[m][None, :]
-        dgf.append(suffix_a_f[m] + prefix_b_f + cross_f[None, :])
-        prefix_a_b = jnp.cumsum(a_b[m], axis=0) + before_a_b[m][None, :]
-        dgb.append(prefix_a_b + (suffix_b_b[m] - b_b[m]) + cross_b[None, :])
+    a, dq_f, dq_b, dk_f, dk_b = lax.fori_loop(0, SUB, column, (a, dq_f, dq_b, dk_f, dk_b))
+    dv += _mm_tn(a, do, dims)
+    own = 2.0 * jnp.sum(do * v.astype(jnp.float32), axis=1, keepdims=True)  # both directions
 
-    dq = [a + b + c for a, b, c in zip(dq_f, dq_b, dq_self, strict=True)]
-    dk = [
-        a + b + c + d + e
-        for a, b, c, d, e in zip(dk_f, dk_b, dk_f_inter, dk_b_inter, dk_self, strict=True)
-    ]
-    return dq, dk, dv, dgf, dgb
+    # Gate gradients (see the module docstring); the token's own pair is left out.
+    cross_f = jnp.exp(g.total_f) * jnp.sum(h_f * d_f, axis=1)
+    cross_b = jnp.exp(g.total_b) * jnp.sum(h_b * d_b, axis=1)
+    a_f = q32 * dq_f - k32 * dk_f
+    b_f = k32 * dk_f_inter
+    a_b = q32 * dq_b - k32 * dk_b
+    b_b = k32 * dk_b_inter
+    suffix_a_f = jnp.sum(a_f, axis=0) - jnp.cumsum(a_f, axis=0) + a_f
+    dgf = suffix_a_f + (jnp.cumsum(b_f, axis=0) - b_f) + cross_f[None, :]
+    suffix_b_b = jnp.sum(b_b, axis=0) - jnp.cumsum(b_b, axis=0)
+    dgb = jnp.cumsum(a_b, axis=0) + suffix_b_b + cross_b[None, :]
 
-
-def _backward_kernel(
-    q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *rest, dims: _Dims, barrier: bool
-):
-    if dims.ns > 1:
-        (dec_f_ref, dec_b_ref, sum_f_ref, sum_b_ref, dsum_f_ref, dsum_b_ref, *outs) = rest
-    else:
-        outs = rest
-    dq_ref, dk_ref, dv_ref, dgf_ref, dgb_ref, hb_ref, dhf_ref = outs
-    refs = (q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref)
-    seg, first, last = _segment_bounds(dims)
-    zero = jnp.zeros((dims.dk, dims.dv), jnp.float32)
-    if dims.ns > 1:
-        s_f0 = _fold_summaries(dec_f_ref, sum_f_ref, seg, dims, from_left=True)
-        s_b0 = _fold_summaries(dec_b_ref, sum_b_ref, seg, dims, from_left=False)
-        ds_f0 = _fold_summaries(dec_f_ref, dsum_f_ref, seg, dims, from_left=False)
-        ds_b0 = _fold_summaries(dec_b_ref, dsum_b_ref, seg, dims, from_left=True)
-    else:
-        s_f0 = s_b0 = ds_f0 = ds_b0 = zero
-
-    def right_to_left(i, carry):
-        s_b, ds_f = carry
-        c = last - 1 - i
-        hb_ref[c, :, :] = s_b
-        dhf_ref[c, :, :] = ds_f
-        subs = _load_chunk(refs, c, dims, do=True)
-        gates = _chunk_gates(subs)
-        inc_b = _inter_key_increment([s.k for s in subs], [s.v for s in subs], gates.k_b, dims)
-        inc_df = _inter_key_increment([s.q for s in subs], [s.do for s in subs], gates.q_f, dims)
-        return (
-            jnp.exp(gates.tb)[:, None] * s_b + inc_b,
-            jnp.exp(gates.tf)[:, None] * ds_f + inc_df,
-        )
-
-    lax.fori_loop(0, last - first, right_to_left, (s_b0, ds_f0))
-    if barrier:  # sweep 2 reads states that other threads stored (no-op when interpreted)
-        plt.debug_barrier()
-
-    def left_to_right(c, carry):
-        s_f, ds_b = carry
-        subs = _load_chunk(refs, c, dims, do=True)
-        gates = _chunk_gates(subs)
-        grads = _chunk_gradients(subs, gates, s_f, hb_ref[c, :, :], dhf_ref[c, :, :], ds_b, dims)
-        for ref, tiles in zip((dq_ref, dk_ref, dv_ref, dgf_ref, dgb_ref), grads, strict=True):
-            for m, tile in enumerate(tiles):
-                _store_rows(ref, c * dims.bt + m * SUB, dims.n, tile)
-        inc_f = _inter_key_increment([s.k for s in subs], [s.v for s in subs], gates.k_f, dims)
-        inc_db = _inter_key_increment([s.q for s in subs], [s.do for s in subs], gates.q_b, dims)
-        return (
-            jnp.exp(gates.tf)[:, None] * s_f + inc_f,
-            jnp.exp(gates.tb)[:, None] * ds_b + inc_db,
-        )
-
-    lax.fori_loop(first, last, left_to_right, (s_f0, ds_b0))
+    _store_chunk_rows(dq_ref, c, dims, dq_f + dq_b + own * k32)
+    _store_chunk_rows(dk_ref, c, dims, dk_f + dk_b + dk_f_inter + dk_b_inter + own * q32)
+    _store_chunk_rows(dv_ref, c, dims, dv)
+    _store_chunk_rows(dgf_ref, c, dims, dgf)
+    _store_chunk_rows(dgb_ref, c, dims, dgb)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,109 +550,124 @@ def _backward_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _row_spec(dims: _Dims, d: int) -> pl.BlockSpec:
+def _seq_spec(dims: _Dims, d: int) -> pl.BlockSpec:
     """One (b, h) of a token-major [B, N, H, D] array, the whole (padded) sequence."""
     return pl.BlockSpec((None, dims.n_pad, None, d), lambda b, h, s: (b, 0, h, 0))
 
 
-def _state_spec(dims: _Dims, rows: int) -> pl.BlockSpec:
-    return pl.BlockSpec((None, None, rows, dims.dk, dims.dv), lambda b, h, s: (b, h, 0, 0, 0))
+def _per_bh_spec(rows: int, *tail: int) -> pl.BlockSpec:
+    """All ``rows`` entries of one (b, h) of a [B, H, rows, *tail] array."""
+    zeros = (0,) * len(tail)
+    return pl.BlockSpec((None, None, rows, *tail), lambda b, h, s: (b, h, 0, *zeros))
 
 
-def _segment_spec(dims: _Dims, matrix: bool) -> pl.BlockSpec:
-    if matrix:
-        return pl.BlockSpec((None, None, None, dims.dk, dims.dv), lambda b, h, s: (b, h, s, 0, 0))
-    return pl.BlockSpec((None, None, None, dims.dk), lambda b, h, s: (b, h, s, 0))
+def _per_program_spec(*tail: int) -> pl.BlockSpec:
+    """Entry s of one (b, h) of a [B, H, S, *tail] array (one program's own row)."""
+    zeros = (0,) * len(tail)
+    return pl.BlockSpec((None, None, None, *tail), lambda b, h, s: (b, h, s, *zeros))
 
 
-def _all_segments_spec(dims: _Dims, matrix: bool) -> pl.BlockSpec:
-    nsp = _next_pow2(dims.ns)
-    if matrix:
-        return pl.BlockSpec((None, None, nsp, dims.dk, dims.dv), lambda b, h, s: (b, h, 0, 0, 0))
-    return pl.BlockSpec((None, None, nsp, dims.dk), lambda b, h, s: (b, h, 0, 0))
+def _params(warps: int, config: Config):
+    return plt.CompilerParams(num_warps=warps, num_stages=config.num_stages)
 
 
-def _compiler_params(config: Config):
-    return plt.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+def _carries(args, dims: _Dims, config: Config, interpret: bool, grads: bool):
+    """Per-chunk carries (and, with segments, what adding the segments' inputs needs).
 
-
-def _summaries(args, dims: _Dims, config: Config, interpret: bool, grads: bool):
-    """Per-segment summaries ([B, H, NSP, ...] fp32) for the folds of the main kernels."""
+    Returns (carries, seg): carries is a list of [B, H, NC_pad, Dk, Dv] arrays (h_f, h_b and
+    with grads dF, dB) in the dot dtype; seg is None or (log decays per chunk, incoming
+    carries per segment), both lists in the same order.
+    """
     b, _, h, _ = args[0].shape
-    nsp = _next_pow2(dims.ns)
-    vec = jax.ShapeDtypeStruct((b, h, nsp, dims.dk), jnp.float32)
-    mat = jax.ShapeDtypeStruct((b, h, nsp, dims.dk, dims.dv), jnp.float32)
-    n_mat = 4 if grads else 2
-    in_specs = [_row_spec(dims, x.shape[-1]) for x in args]
-    return pl.pallas_call(
-        functools.partial(_summary_kernel, dims=dims, grads=grads),
-        out_shape=[vec, vec] + [mat] * n_mat,
+    n = 4 if grads else 2
+    carry = jax.ShapeDtypeStruct((b, h, dims.nc_pad, dims.dk, dims.dv), dims.dot_dtype)
+    out_shape = [carry] * n
+    out_specs = [_per_bh_spec(dims.nc_pad, dims.dk, dims.dv)] * n
+    if dims.ns > 1:
+        log = jax.ShapeDtypeStruct((b, h, dims.nc_pad, dims.dk), jnp.float32)
+        summary = jax.ShapeDtypeStruct((b, h, dims.ns_pad, dims.dk, dims.dv), jnp.float32)
+        seg_log = jax.ShapeDtypeStruct((b, h, dims.ns_pad, dims.dk), jnp.float32)
+        out_shape += [log] * n + [summary] * n + [seg_log] * 2
+        out_specs += [_per_bh_spec(dims.nc_pad, dims.dk)] * n
+        out_specs += [_per_program_spec(dims.dk, dims.dv)] * n + [_per_program_spec(dims.dk)] * 2
+    outs = pl.pallas_call(
+        functools.partial(_states_kernel, dims=dims, grads=grads),
+        out_shape=out_shape,
         grid=(b, h, dims.ns),
-        in_specs=in_specs,
-        out_specs=[_segment_spec(dims, False)] * 2 + [_segment_spec(dims, True)] * n_mat,
-        compiler_params=_compiler_params(config),
+        in_specs=[_seq_spec(dims, x.shape[-1]) for x in args],
+        out_specs=out_specs,
+        compiler_params=_params(config.state_warps, config),
         interpret=interpret,
-        name="bigla_segment_summaries",
+        name="bigla_states_bwd" if grads else "bigla_states",
     )(*args)
+    carries = list(outs[:n])
+    if dims.ns == 1:
+        return carries, None
+    logs, summaries, seg_logs = outs[n : 2 * n], outs[2 * n : 3 * n], outs[3 * n :]
+    incoming = pl.pallas_call(
+        functools.partial(_fold_kernel, dims=dims, grads=grads),
+        out_shape=[jax.ShapeDtypeStruct(summaries[0].shape, jnp.float32)] * n,
+        grid=(b, h, 1),
+        in_specs=[_per_bh_spec(dims.ns_pad, dims.dk)] * 2
+        + [_per_bh_spec(dims.ns_pad, dims.dk, dims.dv)] * n,
+        out_specs=[_per_bh_spec(dims.ns_pad, dims.dk, dims.dv)] * n,
+        compiler_params=_params(config.state_warps, config),
+        interpret=interpret,
+        name="bigla_segment_fold",
+    )(*seg_logs, *summaries)
+    return carries, (list(logs), list(incoming))
+
+
+def _chunk_specs(carries, seg, dims: _Dims):
+    specs = [_per_bh_spec(dims.nc_pad, dims.dk, dims.dv)] * len(carries)
+    arrays = list(carries)
+    if seg is not None:
+        logs, incoming = seg
+        specs += [_per_bh_spec(dims.nc_pad, dims.dk)] * len(logs)
+        specs += [_per_bh_spec(dims.ns_pad, dims.dk, dims.dv)] * len(incoming)
+        arrays += logs + incoming
+    return specs, arrays
 
 
 def _forward(q, k, v, gf, gb, dims: _Dims, config: Config, interpret: bool):
     b, _, h, _ = q.shape
     args = (q, k, v, gf, gb)
-    in_specs = [_row_spec(dims, x.shape[-1]) for x in args]
-    extra = []
-    if dims.ns > 1:
-        extra = list(_summaries(args, dims, config, interpret, grads=False))
-        in_specs += [_all_segments_spec(dims, False)] * 2 + [_all_segments_spec(dims, True)] * 2
-    ncp = _next_pow2(dims.nc)
-    out_shape = [
-        jax.ShapeDtypeStruct((b, dims.n, h, dims.dv), v.dtype),
-        jax.ShapeDtypeStruct((b, h, ncp, dims.dk, dims.dv), jnp.float32),  # scratch
-    ]
-    o, _ = pl.pallas_call(
-        functools.partial(_forward_kernel, dims=dims, barrier=not interpret),
-        out_shape=out_shape,
-        grid=(b, h, dims.ns),
-        in_specs=in_specs,
-        out_specs=[_row_spec(dims, dims.dv), _state_spec(dims, ncp)],
-        compiler_params=_compiler_params(config),
+    carries, seg = _carries(args, dims, config, interpret, grads=False)
+    specs, arrays = _chunk_specs(carries, seg, dims)
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, dims=dims),
+        out_shape=jax.ShapeDtypeStruct((b, dims.n, h, dims.dv), v.dtype),
+        grid=(b, h, dims.nc),
+        in_specs=[_seq_spec(dims, x.shape[-1]) for x in args] + specs,
+        out_specs=_seq_spec(dims, dims.dv),
+        compiler_params=_params(config.num_warps, config),
         interpret=interpret,
         name="bigla_forward",
-    )(*args, *extra)
-    return o
+    )(*args, *arrays)
 
 
 def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool):
     b, _, h, _ = q.shape
     args = (q, k, v, gf, gb, do)
-    in_specs = [_row_spec(dims, x.shape[-1]) for x in args]
-    extra = []
-    if dims.ns > 1:
-        extra = list(_summaries(args, dims, config, interpret, grads=True))
-        in_specs += [_all_segments_spec(dims, False)] * 2 + [_all_segments_spec(dims, True)] * 4
-    ncp = _next_pow2(dims.nc)
-    state = jax.ShapeDtypeStruct((b, h, ncp, dims.dk, dims.dv), jnp.float32)
+    carries, seg = _carries(args, dims, config, interpret, grads=True)
+    specs, arrays = _chunk_specs(carries, seg, dims)
     out_shape = [
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct(k.shape, k.dtype),
         jax.ShapeDtypeStruct(v.shape, v.dtype),
         jax.ShapeDtypeStruct(gf.shape, jnp.float32),
         jax.ShapeDtypeStruct(gb.shape, jnp.float32),
-        state,
-        state,
     ]
-    out_specs = [_row_spec(dims, x.shape[-1]) for x in (q, k, v, gf, gb)]
-    out_specs += [_state_spec(dims, ncp)] * 2
-    dq, dk, dv, dgf, dgb, _, _ = pl.pallas_call(
-        functools.partial(_backward_kernel, dims=dims, barrier=not interpret),
+    dq, dk, dv, dgf, dgb = pl.pallas_call(
+        functools.partial(_backward_kernel, dims=dims),
         out_shape=out_shape,
-        grid=(b, h, dims.ns),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        compiler_params=_compiler_params(config),
+        grid=(b, h, dims.nc),
+        in_specs=[_seq_spec(dims, x.shape[-1]) for x in args] + specs,
+        out_specs=[_seq_spec(dims, x.shape[-1]) for x in (q, k, v, gf, gb)],
+        compiler_params=_params(config.num_warps, config),
         interpret=interpret,
         name="bigla_backward",
-    )(*args, *extra)
+    )(*args, *arrays)
     return dq, dk, dv, dgf.astype(gf.dtype), dgb.astype(gb.dtype)
 
 
@@ -777,7 +732,7 @@ def bigla_triton(
     q, k = _pad_last(q, dk_p), _pad_last(k, dk_p)
     gf, gb = _pad_last(gf.astype(jnp.float32), dk_p), _pad_last(gb.astype(jnp.float32), dk_p)
     v = _pad_last(v, dv_p)
-    dims = _dims(q, v, scale, config, q.shape[0] * q.shape[2])
+    dims = _dims(q, v, scale, config)
     o = _bigla(q, k, v, gf, gb, dims, config, interpret)
     return o[..., :dv]
 
