@@ -115,7 +115,9 @@ def run_one(args, model: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="vig_t,deit_t")
+    parser.add_argument(
+        "--models", default="vig_t,deit_t", help='comma-separated, "name@implementation" allowed'
+    )
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--img", type=int, default=224)
     parser.add_argument("--patch-size", type=int, default=None)
@@ -129,9 +131,12 @@ def main() -> None:
 
     device = jax.devices()[0]
     rows = []
-    for model in args.models.split(","):
+    for spec in args.models.split(","):
+        model, _, impl = spec.partition("@")  # "deit_t@xla": per-model implementation.
+        run_args = argparse.Namespace(**vars(args))
+        run_args.implementation = impl or args.implementation
         try:
-            rows.append(run_one(args, model))
+            rows.append(run_one(run_args, model))
         except Exception as err:  # noqa: BLE001 - report and go on with the next model.
             rows.append({"model": model, "error": f"{type(err).__name__}: {err}"[:500]})
         print(json.dumps(rows[-1]), flush=True)
@@ -141,15 +146,16 @@ def main() -> None:
         f"jax {jax.__version__}; batch {args.batch} at {args.img} px, {args.dtype}, fake data"
     )
     print(
-        f"{'model':<10} {'params':>10} {'step ms':>9} {'img/s':>9} {'compile s':>9} {'peak MiB':>9}"
+        f"{'model':<14} {'params':>10} {'step ms':>9} {'img/s':>9} {'compile s':>9} {'peak MiB':>9}"
     )
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<10} ERROR {r['error'][:80]}")
+            print(f"{r['model']:<14} ERROR {r['error'][:80]}")
             continue
         mem = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] else "-"
+        name = r["model"] + (f"@{r['implementation']}" if r["implementation"] else "")
         print(
-            f"{r['model']:<10} {r['params']:>10,} {r['median_step_ms']:>9.2f} "
+            f"{name:<14} {r['params']:>10,} {r['median_step_ms']:>9.2f} "
             f"{r['img_per_s']:>9.1f} {r['compile_plus_first_step_s']:>9.1f} {mem:>9}"
         )
     if args.out:

@@ -636,6 +636,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             last_eval = run_eval(step)
     finally:
         stop.uninstall()
+        if hasattr(train_iter, "close"):  # Stops Grain worker processes.
+            train_iter.close()
         bar.close()
         ckpt.close()
         reporter.close()
