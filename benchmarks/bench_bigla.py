@@ -118,11 +118,25 @@ def _bytes(shape, dtype, backward: bool) -> int:
     return fwd + o + (qkv + gates)
 
 
-def bench_one(impl, shape, dtype_name, iters, measure, bandwidth):
+def _parse_config(text: str) -> dict:
+    """``"num_warps=8,chunk=32"`` -> {"num_warps": 8, "chunk": 32} (Triton Config fields)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        out[key.strip()] = None if value.strip() == "None" else int(value)
+    return out
+
+
+def bench_one(impl, shape, dtype_name, iters, measure, bandwidth, config=None):
     """Forward and forward + backward rows of one implementation, shape and dtype."""
     dtype = DTYPES[dtype_name]
     q, k, v, gf, gb, do = _inputs(shape, dtype)
-    op = lambda *a: api.bigla(*a, implementation=impl)
+    options = {}
+    if config:
+        from pallas_kernels.bigla.triton import Config
+
+        options["config"] = Config(**_parse_config(config))
+    op = lambda *a: api.bigla(*a, implementation=impl, **options)
 
     def fwd_bwd(q, k, v, gf, gb, do):
         out, vjp = jax.vjp(op, q, k, v, gf, gb)
@@ -147,7 +161,7 @@ def bench_one(impl, shape, dtype_name, iters, measure, bandwidth):
         floor_ms = nbytes / (bandwidth * 1e9) * 1e3
         rows.append(
             {
-                "impl": impl,
+                "impl": impl if not config else f"{impl}[{config}]",
                 "shape": list(shape),
                 "dtype": dtype_name,
                 "mode": mode,
@@ -169,7 +183,7 @@ def bench_one(impl, shape, dtype_name, iters, measure, bandwidth):
 def print_table(rows, device, bandwidth):
     print(f"\nBiGLA on {device}; copy bandwidth {bandwidth:.0f} GB/s (read + write)")
     head = (
-        f"{'shape (B,H,N,Dk,Dv)':24} {'dtype':5} {'mode':8} {'impl':17} {'ms':>8} "
+        f"{'shape (B,H,N,Dk,Dv)':24} {'dtype':5} {'mode':8} {'impl':30} {'ms':>8} "
         f"{'wall ms':>8} {'GB/s':>7} {'x floor':>8} {'FLA ms':>7}"
     )
     print(head)
@@ -178,7 +192,7 @@ def print_table(rows, device, bandwidth):
         fla = FLA_OFFICIAL_MS.get((tuple(r["shape"]), r["dtype"]))
         fla_ms = "" if fla is None else f"{fla[r['mode'] == 'fwd+bwd']:.3f}"
         print(
-            f"{str(tuple(r['shape'])):24} {r['dtype']:5} {r['mode']:8} {r['impl']:17} "
+            f"{str(tuple(r['shape'])):24} {r['dtype']:5} {r['mode']:8} {r['impl']:30} "
             f"{r['ms']:8.3f} {r['wall_ms']:8.3f} {r['gbs']:7.0f} {r['x_floor']:8.1f} {fla_ms:>7}"
         )
 
@@ -205,6 +219,12 @@ def main(argv=None):
     parser.add_argument("--impls", default=None, help="comma list (default: all available)")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default=None, help="JSON output path")
+    parser.add_argument(
+        "--triton-configs",
+        nargs="*",
+        default=[],
+        help='extra Triton Config variants to time, e.g. "num_warps=8" "chunk=32,num_stages=2"',
+    )
     args = parser.parse_args(argv)
 
     shapes = (
@@ -216,19 +236,20 @@ def main(argv=None):
     device = jax.devices()[0].device_kind
     measure = _cupti()
     bandwidth = copy_bandwidth_gbs()
+    runs = [(impl, None) for impl in impls] + [("triton", c) for c in args.triton_configs]
     rows = []
     for shape in shapes:
         for dtype_name in args.dtypes.split(","):
-            for impl in impls:
+            for impl, config in runs:
                 try:
-                    new = bench_one(impl, shape, dtype_name, args.iters, measure, bandwidth)
+                    new = bench_one(impl, shape, dtype_name, args.iters, measure, bandwidth, config)
                 except Exception as err:  # noqa: BLE001  (e.g. out of memory: keep going)
                     print(f"{impl} {shape} {dtype_name}: {type(err).__name__}: {str(err)[:300]}")
                     continue
                 rows += new
                 for r in new:
                     print(
-                        f"  {impl:17} {shape} {dtype_name} {r['mode']:8} {r['ms']:.3f} ms "
+                        f"  {r['impl']:17} {shape} {dtype_name} {r['mode']:8} {r['ms']:.3f} ms "
                         f"(compile {r['compile_s']:.1f} s)",
                         flush=True,
                     )
