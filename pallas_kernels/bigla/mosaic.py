@@ -172,9 +172,7 @@ def _chunk_kernel(
 
     def load(c, cum_ref):
         rows = pl.ds(c * CHUNK, CHUNK)
-        for i, (src, dst) in enumerate(
-            ((x_ref, x_s), (y_ref, y_s), (z_ref, z_s), (cum_ref, c_s))
-        ):
+        for i, (src, dst) in enumerate(((x_ref, x_s), (y_ref, y_s), (z_ref, z_s), (cum_ref, c_s))):
             plgpu.copy_gmem_to_smem(src.at[b, rows, h], dst, bars.at[i])
         for i in range(4):
             plgpu.barrier_wait(bars.at[i])
@@ -289,3 +287,114 @@ def bidirectional_chunked(x, y, z, gf, gb, *, out_scale: float, out_dtype, inter
         interpret=interpret,
     )(x, y, z, cf, cb)
     return out[:, :n]
+
+
+def _shift_tokens(g: jax.Array, step: int) -> jax.Array:
+    """``g`` moved by ``step`` tokens along N (+1: row t holds row t-1), zero-filled. [B,N,H,D]."""
+    zeros = jnp.zeros_like(g[:, :1])
+    return jnp.concatenate([zeros, g[:, :-1]] if step > 0 else [g[:, 1:], zeros], axis=1)
+
+
+def _interpret_params(interpret):
+    if interpret is True:
+        return plgpu.InterpretGPUParams()
+    return interpret or False
+
+
+def _operand_dtype(dtype):
+    return dtype if dtype in _OPERAND_DTYPES else jnp.bfloat16
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _bigla(q, k, v, gf, gb, scale, interpret):
+    return _fwd(q, k, v, gf, gb, scale, interpret)[0]
+
+
+def _fwd(q, k, v, gf, gb, scale, interpret):
+    op = _operand_dtype(v.dtype)
+    out = bidirectional_chunked(
+        q.astype(op),
+        k.astype(op),
+        v.astype(op),
+        gf,
+        gb,
+        out_scale=0.5 * scale,
+        out_dtype=v.dtype,
+        interpret=interpret,
+    )
+    return out, (q, k, v, gf, gb)
+
+
+def _bwd(scale, interpret, residuals, do):
+    """Cotangents of (q, k, v, gf, gb).
+
+    * ``dv`` is the Mosaic kernel again: ``dv_s = scale/2 sum_t A_ts do_t`` is the same op with
+      ``(x, y, z) = (k, q, do)``; the pair weights ``e^{sum gf over (s, t]}`` (t >= s) and
+      ``e^{sum gb over [t, s)}`` (t <= s) are its two directions with the gates shifted by one
+      token (``gb`` one step later, ``gf`` one step earlier).
+    * ``dq``, ``dk``, ``dgf``, ``dgb`` come from ``jax.vjp`` of the chunked XLA form with ``v``
+      held constant (so XLA does not compute ``dv`` a second time). They are not Mosaic kernels
+      (yet): ``dq_t = scale/2 sum_s (do_t . v_s) k_s * e^{G_t - G_s}`` carries the gate on the
+      *output* channel, which this key-gated kernel cannot express; it needs a second kernel
+      variant (gate applied to the wgmma result instead of its operands).
+    """
+    from pallas_kernels.bigla import xla  # noqa: PLC0415  (only the backward needs it)
+
+    q, k, v, gf, gb = residuals
+    op = _operand_dtype(v.dtype)
+    dv = bidirectional_chunked(
+        k.astype(op),
+        q.astype(op),
+        do.astype(op),
+        _shift_tokens(gb, 1),
+        _shift_tokens(gf, -1),
+        out_scale=0.5 * scale,
+        out_dtype=v.dtype,
+        interpret=interpret,
+    )
+    fn = lambda q_, k_, gf_, gb_: xla.bigla_xla(q_, k_, v, gf_, gb_, scale=scale)
+    _, vjp = jax.vjp(fn, q, k, gf, gb)
+    dq, dk, dgf, dgb = vjp(do.astype(v.dtype))
+    return dq, dk, dv, dgf, dgb
+
+
+_bigla.defvjp(_fwd, _bwd)
+
+
+def bigla_mosaic(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    gf: jax.Array,
+    gb: jax.Array,
+    *,
+    scale: float | None = None,
+    interpret=False,
+) -> jax.Array:
+    """BiGLA with a Mosaic GPU (Hopper wgmma) kernel; differentiable (custom_vjp).
+
+    Args:
+      q, k: [B, N, H, Dk] queries and keys; Dk a multiple of 16.
+      v: [B, N, H, Dv] values (same dtype as q); Dv a multiple of 64.
+      gf, gb: [B, N, H, Dk] per-step log forget gates (<= 0) of the two directions; used in fp32.
+      scale: query scale; ``Dk ** -0.5`` if None.
+      interpret: False (run on an sm90 GPU), True or a ``plgpu.InterpretGPUParams`` (run the same
+        kernel in Mosaic GPU interpret mode, e.g. on the CPU).
+
+    Returns:
+      [B, N, H, Dv] in v's dtype: ``(o_fwd + o_bwd) / 2``.
+
+    The wgmma operands are bf16 (f16 inputs stay f16): fp32 inputs are rounded to bf16 for the
+    tensor cores (fp32 accumulation, fp32 state and gates), so fp32 inputs get bf16-level accuracy
+    (~1e-2 relative), not fp32's. tf32 wgmma would need K-major operands, i.e. no transposed SMEM
+    operands, which the state update (``z^T y``) uses.
+    """
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; expected one dtype")
+    dk, dv = q.shape[-1], v.shape[-1]
+    if dk % 16:
+        raise ValueError(f"Dk={dk}; the Mosaic GPU kernel needs Dk to be a multiple of 16")
+    if dv % 64:
+        raise ValueError(f"Dv={dv}; the Mosaic GPU kernel needs Dv to be a multiple of 64")
+    scale = dk**-0.5 if scale is None else float(scale)
+    return _bigla(q, k, v, gf, gb, scale, _interpret_params(interpret))
