@@ -49,25 +49,6 @@ def _masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.exp(jnp.where(mask, x, -jnp.inf))
 
 
-def _range_sums(g: jax.Array, select: jax.Array) -> jax.Array:
-    """sum_t select[..., t] * g[t]: gate sums over index ranges, one fp32 product each.
-
-    Every exponent below is a sum of gates (all of one sign) over exactly its range, never a
-    difference of two longer cumulative sums: with steep gates a chunk's cumulative sum reaches
-    -160, and differences of such sums lose the digits that the gate gradients need.
-
-    Args:
-      g: [..., T, Dk] gates; select: [*P, T] 0/1 selection of the summed rows.
-
-    Returns:
-      [..., *P, Dk].
-    """
-    p = select.shape[:-1]
-    flat = select.reshape(-1, select.shape[-1]).astype(g.dtype)
-    out = jnp.einsum("pt,...td->...pd", flat, g, precision=lax.Precision.HIGHEST)
-    return out.reshape(*g.shape[:-2], *p, g.shape[-1])
-
-
 def _intra_chunk_scores(q, k, gf, gb, precision):
     """The intra-chunk score matrices of both directions, by sub-chunks of 16 rows.
 
@@ -76,9 +57,9 @@ def _intra_chunk_scores(q, k, gf, gb, precision):
       gf, gb: [..., C, Dk] fp32 gates of the forward and the backward direction.
 
     Returns:
-      off: [..., S, BC, C] scores of the rows of sub-chunk s against the rows of all OTHER
+      off: [..., S, BC, C] scores of the rows of sub-chunk i against the rows of all OTHER
         sub-chunks (earlier ones: forward direction; later ones: backward direction).
-      diag: [..., S, BC, BC] scores inside sub-chunk s (both directions; the diagonal twice).
+      diag: [..., S, BC, BC] scores inside sub-chunk i (both directions; the diagonal twice).
     """
     *lead, c, dk = q.shape
     bc = min(SUB_CHUNK, c)
@@ -86,40 +67,47 @@ def _intra_chunk_scores(q, k, gf, gb, precision):
     sub = lambda x: x.reshape(*lead, s, bc, dk)
     qs, ks, gfs, gbs = sub(q), sub(k), sub(gf), sub(gb)
 
-    # Query row r of sub-chunk s and key row j of another sub-chunk meet at the sub-chunk's
-    # boundary: the forward exponent sum_{j<t<=r} gf_t splits at the first row n_s into
-    # sum_{n_s<=t<=r} (query side) + sum_{j<t<n_s} (key side), both <= 0; the backward exponent
-    # sum_{r<=t<j} gb_t splits at the last row m_s likewise.
-    t = jnp.arange(c)
-    first = jnp.arange(s)[:, None, None] * bc  # n_s, [S, 1, 1]
-    last = first + bc - 1
-    j, tt = t[None, :, None], t[None, None, :]
-    # An empty range sums to 0, so the forward key exponents (rows before n_s) and the backward
-    # ones (rows after m_s) fit in one tensor; the masks below pick each direction's rows.
-    key_exp = _range_sums(
-        jnp.concatenate([gf, gb], axis=-2),
-        jnp.concatenate([(j < tt) & (tt < first), (last < tt) & (tt < j)], axis=-1),
-    )  # [..., S, C, Dk]
-    col_sub = t // bc
-    earlier = (col_sub[None, :] < jnp.arange(s)[:, None])[:, :, None]  # [S, C, 1]
-    later = (col_sub[None, :] > jnp.arange(s)[:, None])[:, :, None]
-    k_decayed = k[..., None, :, :] * jnp.exp(key_exp)
-    q_f = qs * jnp.exp(jnp.cumsum(gfs, axis=-2))  # [..., S, BC, Dk]
-    q_b = qs * jnp.exp(lax.cumsum(gbs, axis=gbs.ndim - 2, reverse=True))
+    # Gate sums within each sub-chunk (<= 16 gates, so differences of them keep their digits).
+    pf = jnp.cumsum(gfs, axis=-2)  # inclusive prefix of gf
+    pb = jnp.cumsum(gbs, axis=-2)
+    tf, tb = pf[..., -1:, :], pb[..., -1:, :]  # totals [..., S, 1, Dk], exact copies
+    xf = tf - pf  # exclusive suffix of gf (exactly 0 on the last row)
+    xb = pb - gbs  # exclusive prefix of gb (exactly 0 on the first row)
+    sb = tb - pb + gbs  # inclusive suffix of gb
+
+    # Query row r of sub-chunk i and key row j of sub-chunk m meet at i's boundary: the
+    # forward exponent (m < i) is [sum over i's rows up to r] + [sum over m's rows after j]
+    # + [totals of the sub-chunks between], the backward one (m > i) mirrored. All <= 0.
+    ids = jnp.arange(s)
+    i_, m_, u_ = ids[:, None, None], ids[None, :, None], ids[None, None, :]
+    between = lambda sel, t: jnp.einsum(
+        "imu,...ud->...imd", sel.astype(t.dtype), t[..., 0, :], precision=lax.Precision.HIGHEST
+    )
+    btw_f = between((m_ < u_) & (u_ < i_), tf)  # [..., S(i), S(m), Dk]
+    btw_b = between((i_ < u_) & (u_ < m_), tb)
+    earlier = (m_ < i_)[..., None]  # [S(i), S(m), 1, 1]
+    later = (m_ > i_)[..., None]
+    key_exp = jnp.where(
+        earlier,
+        xf[..., None, :, :, :] + btw_f[..., :, :, None, :],
+        xb[..., None, :, :, :] + btw_b[..., :, :, None, :],
+    )  # [..., S(i), S(m), BC, Dk]
+    k_decayed = (ks[..., None, :, :, :] * jnp.exp(key_exp)).reshape(*lead, s, c, dk)
+    col = lambda mask: jnp.broadcast_to(mask, (s, s, bc, 1)).reshape(s, c, 1)
+    q_f = qs * jnp.exp(pf)  # [..., S, BC, Dk]
+    q_b = qs * jnp.exp(sb)
     dot = functools.partial(jnp.einsum, precision=precision, preferred_element_type=gf.dtype)
     cast = lambda x: x.astype(q.dtype)
-    off = dot("...srd,...sjd->...srj", cast(q_f), cast(k_decayed * earlier))
-    off += dot("...srd,...sjd->...srj", cast(q_b), cast(k_decayed * later))
+    off = dot("...srd,...sjd->...srj", cast(q_f), cast(k_decayed * col(earlier)))
+    off += dot("...srd,...sjd->...srj", cast(q_b), cast(k_decayed * col(later)))
 
-    # Inside a sub-chunk, exact elementwise weights: exp of the forward exponent below the
-    # diagonal, of the backward one above it (both sums are empty, i.e. 0, elsewhere), and the
-    # constant 2 on the diagonal (the current token, weight 1 in both directions).
-    r, j, tt = jnp.arange(bc)[:, None, None], jnp.arange(bc)[None, :, None], jnp.arange(bc)
-    pair_exp = _range_sums(
-        jnp.concatenate([gfs, gbs], axis=-2),
-        jnp.concatenate([(j < tt) & (tt <= r), (r <= tt) & (tt < j)], axis=-1),
-    )  # [..., S, BC, BC, Dk]
-    decay = jnp.exp(pair_exp) + (r == j)
+    # Inside a sub-chunk, exact elementwise weights: the forward exponent below the diagonal,
+    # the backward one above it, and the constant 2 on the diagonal (the current token, weight
+    # 1 in both directions; as exp(0) it would only add rounding to the gate gradients).
+    r, j = jnp.arange(bc)[:, None, None], jnp.arange(bc)[None, :, None]
+    fwd = pf[..., :, None, :] - pf[..., None, :, :]  # [..., S, BC(r), BC(j), Dk]
+    bwd = xb[..., None, :, :] - xb[..., :, None, :]
+    decay = jnp.exp(jnp.where(r > j, fwd, jnp.where(r < j, bwd, 0.0))) * (r != j) + 2.0 * (r == j)
     qk = qs[..., :, None, :].astype(gf.dtype) * ks[..., None, :, :].astype(gf.dtype)
     diag = jnp.sum(qk * decay, axis=-1)
     return off, diag
