@@ -394,18 +394,30 @@ def child_main(spec: ChildSpec) -> None:
         if row["status"] != "ok":
             return
         i += 1
-        if i == len(batches) and spec.auto_max and last_ok and last_ok.get("bytes_limit"):
-            cands = [b for b in BATCH_CANDIDATES if last_ok["batch"] < b <= spec.auto_max]
-            target = predict_fit(
-                cands,
-                last_ok["batch"],
-                last_ok["peak_train_bytes"],
-                last_ok["state_bytes"],
-                last_ok["bytes_limit"],
-                spec.fit_fraction,
-            )
+        if i == len(batches):
+            target = next_auto_batch(last_ok, spec.auto_max, spec.fit_fraction)
             if target:
                 batches.append(target)
+
+
+def next_auto_batch(
+    last_ok: dict[str, Any] | None, auto_max: int | None, fit_fraction: float
+) -> int | None:
+    """The larger batch a subprocess measures after its list: the largest candidate in
+    (last measured, auto_max] predicted (from the last measurement) to fit, or None."""
+    if not auto_max or not last_ok or not last_ok.get("bytes_limit"):
+        return None
+    if not last_ok.get("peak_train_bytes"):
+        return None
+    cands = [b for b in BATCH_CANDIDATES if last_ok["batch"] < b <= auto_max]
+    return predict_fit(
+        cands,
+        last_ok["batch"],
+        last_ok["peak_train_bytes"],
+        last_ok["state_bytes"],
+        last_ok["bytes_limit"],
+        fit_fraction,
+    )
 
 
 def _short(err: BaseException, limit: int = 600) -> str:
@@ -470,10 +482,11 @@ def plan_points(args: argparse.Namespace) -> list[Point]:
 class Runner:
     """Runs points in subprocesses within a deadline and keeps every result row."""
 
-    def __init__(self, args: argparse.Namespace, rows: list[dict[str, Any]]):
+    def __init__(self, args: argparse.Namespace, rows: list[dict[str, Any]], clock=time.monotonic):
         self.args = args
         self.rows = rows
-        self.start = time.monotonic()
+        self.clock = clock
+        self.start = self.clock()
         self.deadline = self.start + args.max_seconds
         self.durations: list[float] = []
         self.dead: dict[tuple[str, str], int] = {}  # (model, dtype) -> img where batch 1 OOMed
@@ -511,13 +524,13 @@ class Runner:
         return max(fit) if fit else self.candidates[-1]
 
     def time_left(self) -> float:
-        return self.deadline - time.monotonic()
+        return self.deadline - self.clock()
 
     def expected_child_s(self) -> float:
         return statistics.median(self.durations[-6:]) if self.durations else 40.0
 
     def save(self) -> None:
-        write_json(self.args, self.rows, time.monotonic() - self.start)
+        write_json(self.args, self.rows, self.clock() - self.start)
 
     # ---- running ---------------------------------------------------------------------------
     def run_point(self, point: Point) -> None:
@@ -566,6 +579,52 @@ class Runner:
             auto = False  # a larger batch already ran out of memory
         if not ok and oom_min <= self.candidates[-1]:
             self.dead[key] = point.img
+        for b in point.forced:
+            if b > oom_min and not self.row_at(point, b):
+                # Not run: a smaller batch already ran out of memory, so this one would too.
+                self.rows.append(
+                    {
+                        "model": point.model,
+                        "img_size": point.img,
+                        "dtype": point.dtype,
+                        "batch": b,
+                        "status": "oom",
+                        "implied": True,
+                        "error": f"not run: batch {oom_min} already ran out of memory",
+                        "bar": _is_bar(point.model, point.img, b, point.dtype),
+                    }
+                )
+
+    def row_at(self, point: Point, batch: int) -> dict[str, Any] | None:
+        """The ok or oom row of ``point`` at ``batch``, if any."""
+        return _row_at(self.rows, point.model, point.img, batch, point.dtype)
+
+    def run_all(self) -> None:
+        """Runs the whole plan in priority order and writes the JSON."""
+        for point in plan_points(self.args):
+            self.run_point(point)
+        self.save()
+
+    def launch(self, spec: ChildSpec, timeout: float) -> tuple[str, str, int | str]:
+        """Runs this script on ``spec`` in a subprocess: (stdout, stderr, exit code or
+        "timeout")."""
+        cmd = [sys.executable, "-m", "benchmarks.bench_resolution", "--child"]
+        cmd.append(json.dumps(dataclasses.asdict(spec)))
+        env = dict(os.environ)
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(self.args.mem_fraction))
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        try:
+            proc = subprocess.run(
+                cmd,
+                cwd=Path(__file__).resolve().parents[1],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as err:
+            return _text(err.stdout), _text(err.stderr), "timeout"
+        return proc.stdout, proc.stderr, proc.returncode
 
     def skip(self, point: Point, why: str, batches: list[int] | None = None) -> None:
         for b in batches or sorted(set(point.forced) or {0}):
@@ -606,34 +665,16 @@ class Runner:
             measure_seconds=args.measure_seconds,
             count_flops=not have_flops,
         )
-        cmd = [sys.executable, "-m", "benchmarks.bench_resolution", "--child"]
-        cmd.append(json.dumps(dataclasses.asdict(spec)))
-        env = dict(os.environ)
-        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.mem_fraction))
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         timeout = max(5.0, min(args.child_timeout, self.time_left()))
-        t0 = time.monotonic()
+        t0 = self.clock()
         print(
             f"run  {point.model} {point.img}px {point.dtype} batches {batches}"
             f"{f' (then up to {auto_max})' if auto_max and auto_max > batches[-1] else ''}"
             f"  [{self.time_left():.0f} s left]",
             flush=True,
         )
-        try:
-            proc = subprocess.run(
-                cmd,
-                cwd=Path(__file__).resolve().parents[1],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-            stdout, stderr, status = proc.stdout, proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as err:
-            stdout = _text(err.stdout)
-            stderr = _text(err.stderr)
-            status = "timeout"
-        wall = time.monotonic() - t0
+        stdout, stderr, status = self.launch(spec, timeout)
+        wall = self.clock() - t0
         self.durations.append(wall)
         lines = stdout.splitlines()
         rows = [json.loads(line[7:]) for line in lines if line.startswith("RESULT ")]
@@ -656,11 +697,15 @@ class Runner:
             )
         for r in rows:
             r["subprocess_wall_s"] = wall
-            r["bar"] = (r["model"], r["img_size"], r["batch"]) in BARS and r["dtype"] == "bfloat16"
+            r["bar"] = _is_bar(r["model"], r["img_size"], r["batch"], r["dtype"])
             self.rows.append(r)
             print("     " + _row_summary(r), flush=True)
         self.save()
         return rows
+
+
+def _is_bar(model: str, img: int, batch: int, dtype: str) -> bool:
+    return (model, img, batch) in BARS and dtype == "bfloat16"
 
 
 def _text(data: bytes | str | None) -> str:
@@ -1081,10 +1126,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"read {len(rows)} rows from {args.out}")
     if not args.plot_only:
         runner = Runner(args, rows)
-        for point in plan_points(args):
-            runner.run_point(point)
-        runner.save()
-        print(f"\nsweep took {time.monotonic() - runner.start:.0f} s; wrote {args.out}")
+        runner.run_all()
+        print(f"\nsweep took {runner.clock() - runner.start:.0f} s; wrote {args.out}")
     print_table(rows, _title(rows))
     if rows:
         plot(rows, png, _title(rows))
