@@ -26,8 +26,9 @@ at 224 with batch 128, and at 1024 and 2048 with batch 8. Configurations run in 
 (throughput, memory, FLOPs against resolution, log scales) with the official code's numbers
 (vig-reference.md section 13) marked.
 
-    # H100, the full study in one call (about 9 minutes):
-    python -m benchmarks.bench_resolution --max-seconds 510 \\
+    # H100: as much of the plan as fits in 500 s, in priority order (--list prints the plan);
+    # run again with --resume (same --out) to measure the rest:
+    python -m benchmarks.bench_resolution --max-seconds 500 \\
         --out benchmarks/results/resolution_h100.json --png benchmarks/results/resolution_h100.png
     # CPU smoke run (tiny resolution and batch):
     python -m benchmarks.bench_resolution --smoke --out /tmp/res.json --png /tmp/res.png
@@ -1100,6 +1101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--png", default=None, help="figure (default: --out with .png)")
     p.add_argument("--resume", action="store_true", help="keep ok/oom rows already in --out")
     p.add_argument("--plot-only", action="store_true", help="redraw table and figure from --out")
+    p.add_argument("--list", action="store_true", help="print the plan in priority order, exit")
     p.add_argument(
         "--smoke",
         action="store_true",
@@ -1123,6 +1125,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
         child_main(ChildSpec(**json.loads(args.child)))
+        return
+    if args.list:
+        for i, point in enumerate(plan_points(args)):
+            forced = f", batch {list(point.forced)} forced" if point.forced else ""
+            print(f"{i:>3} {point.model:<7} {point.img:>5} px {point.dtype}{forced}")
         return
     png = args.png or str(Path(args.out).with_suffix(".png"))
     rows: list[dict[str, Any]] = []
