@@ -50,17 +50,22 @@ class Config:
       state_warps: warps per program of the sequential state kernel.
       segments: sequence segments per (batch, head) for the state kernel; None picks enough to
         give ``target_programs`` programs with at least ``min_chunks_per_segment`` chunks each.
+      fp32_dots: products of fp32 inputs on the GPU: "tf32x3" (three TF32 tensor-core products,
+        ~fp32 accuracy) or "ieee" (exact fp32 FMAs, much slower). Interpret mode: exact fp32.
     """
 
-    chunk: int = 64
+    chunk: int = 32
     num_warps: int = 4
     num_stages: int = 1
     state_warps: int = 4
     segments: int | None = None
     target_programs: int = 264
     min_chunks_per_segment: int = 2
+    fp32_dots: str = "tf32x3"
 
     def __post_init__(self):
+        if self.fp32_dots not in ("tf32x3", "ieee"):
+            raise ValueError(f"fp32_dots={self.fp32_dots!r}; expected 'tf32x3' or 'ieee'")
         if self.chunk < SUB or self.chunk & (self.chunk - 1):
             raise ValueError(f"chunk={self.chunk}; expected a power of two >= {SUB}")
         if self.segments is not None and self.segments < 1:
@@ -80,7 +85,7 @@ class _Dims:
     cps: int  # chunks per segment
     scale: float
     dot_dtype: jnp.dtype
-    precision: lax.Precision
+    precision: lax.Precision | lax.DotAlgorithmPreset
 
     @property
     def subs(self) -> int:
@@ -103,7 +108,7 @@ def _next_pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
 
-def _dims(q, v, scale, config: Config) -> _Dims:
+def _dims(q, v, scale, config: Config, interpret: bool) -> _Dims:
     b, n, h, dk = q.shape
     dv = v.shape[-1]
     bt = min(config.chunk, max(SUB, _next_pow2(n)))
@@ -116,6 +121,12 @@ def _dims(q, v, scale, config: Config) -> _Dims:
     cps = -(-nc // ns)
     ns = -(-nc // cps)
     low = jnp.finfo(jnp.result_type(q.dtype, v.dtype)).bits < 32
+    if low:
+        precision = lax.Precision.DEFAULT
+    elif interpret or config.fp32_dots == "ieee":
+        precision = lax.Precision.HIGHEST
+    else:
+        precision = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
     return _Dims(
         n=n,
         dk=dk,
@@ -126,7 +137,7 @@ def _dims(q, v, scale, config: Config) -> _Dims:
         cps=cps,
         scale=dk**-0.5 if scale is None else float(scale),
         dot_dtype=jnp.dtype(jnp.bfloat16 if low else jnp.float32),
-        precision=lax.Precision.DEFAULT if low else lax.Precision.HIGHEST,
+        precision=precision,
     )
 
 
@@ -176,10 +187,14 @@ def _store_chunk_rows(ref, c, dims: _Dims, x):
     plt.store(ref.at[pl.ds(c * dims.bt, dims.bt), :], x.astype(ref.dtype), mask=rows < dims.n)
 
 
-def _load_column(ref, c, j, dims: _Dims):
-    """Row ``j`` of every sub-chunk of chunk ``c``: [S, D] fp32 (rows >= N read as 0)."""
-    shape = (dims.subs, ref.shape[-1])
-    rows = c * dims.bt + SUB * _iota(shape, 0) + j
+def _load_sub_row(ref, c, j, dims: _Dims):
+    """Row j of each row's sub-chunk of chunk c: [BT, D] fp32 (row r gets row r//16*16 + j).
+
+    A gather load (the 16 rows of a sub-chunk read the same row, from L1), so that no value
+    is reshaped or broadcast across rows inside the per-row loops.
+    """
+    shape = (dims.bt, ref.shape[-1])
+    rows = c * dims.bt + (_iota(shape, 0) // SUB) * SUB + j
     x = plt.load(ref.at[rows, _iota(shape, 1)], mask=rows < dims.n, other=0)
     return x.astype(jnp.float32)
 
@@ -277,51 +292,35 @@ def _boundary_factors(g: _Gates, dims: _Dims):
         yield "b", i, jnp.where(sub > i, e_xb * _per_row(jnp.exp(between), dims), 0.0)
 
 
-def _diag_weights(g: _Gates, j, dims: _Dims):
-    """Exact weights of key row j of every sub-chunk against all rows of its sub-chunk.
-
-    Returns (decay [BT, Dk], lower, upper, own) with lower/upper/own [BT, 1] masks of the rows
-    after / before / equal to the key row (forward / backward direction / the token itself);
-    decay is 0 outside the row's own sub-chunk relation and 1 on ``own``.
-    """
-    local = _iota((dims.bt, 1), 0) % SUB
-    lower, upper, own = local > j, local < j, local == j
-    fwd = g.pf - _per_row(_pick_row(g.pf, j, dims), dims)
-    bwd = _per_row(_pick_row(g.xb, j, dims), dims) - g.xb
-    decay = jnp.exp(jnp.where(lower, fwd, jnp.where(upper, bwd, 0.0)))
-    return decay, lower, upper, own
-
-
-def _scatter_column(a, j, dims: _Dims):
-    """[BT] scores of key row j of each row's sub-chunk -> [BT, BT] block-diagonal matrix."""
-    shape = (dims.bt, dims.bt)
-    row, col = _iota(shape, 0), _iota(shape, 1)
-    return jnp.where(col == (row // SUB) * SUB + j, a[:, None], 0.0)
-
-
-def _gather_column(m, j, dims: _Dims):
-    """[BT, BT] -> [BT]: entry (r, key row j of r's sub-chunk) of every row r."""
-    shape = (dims.bt, dims.bt)
-    row, col = _iota(shape, 0), _iota(shape, 1)
-    return jnp.sum(jnp.where(col == (row // SUB) * SUB + j, m, 0.0), axis=1)
-
-
-def _intra_scores(q32, k32, g: _Gates, k_ref, c, dims: _Dims):
-    """Intra-chunk score matrix of both directions, [BT, BT] fp32 (diagonal counted twice)."""
+def _off_diagonal_scores(q32, k32, g: _Gates, dims: _Dims):
+    """Scores between different sub-chunks of a chunk (both directions), [BT, BT] fp32."""
     sub = _iota((dims.bt, 1), 0) // SUB
     q_f, q_b = q32 * jnp.exp(g.pf), q32 * jnp.exp(g.sb)
     a = jnp.zeros((dims.bt, dims.bt), jnp.float32)
     for direction, i, key_factor in _boundary_factors(g, dims):
         query = jnp.where(sub == i, q_f if direction == "f" else q_b, 0.0)
         a += _mm_nt(query, k32 * key_factor, dims)
+    return a
 
-    def column(j, a):
-        decay, _, _, own = _diag_weights(g, j, dims)
-        k_j = _per_row(_load_column(k_ref, c, j, dims), dims)
-        score = jnp.sum(q32 * k_j * (decay + own.astype(jnp.float32)), axis=1)
-        return a + _scatter_column(score, j, dims)
 
-    return lax.fori_loop(0, SUB, column, a)
+def _diag_step(g: _Gates, j, prefix_f, prefix_b, dims: _Dims):
+    """Exact in-sub-chunk decays of step j of the loops over a sub-chunk's 16 rows.
+
+    Args:
+      prefix_f: [BT, Dk] sum of gf over rows 0..j of each row's sub-chunk (inclusive).
+      prefix_b: [BT, Dk] sum of gb over rows 0..j-1 (exclusive).
+
+    Returns:
+      (as_query, as_key, after, before, own): as_query[r] is the decay between query row r and
+      key row j of its sub-chunk, as_key[s] between query row j and key row s (both 1 for the
+      token itself, 0 never); after/before/own are [BT, 1] masks of the rows after / before /
+      at row j of their sub-chunk.
+    """
+    local = _iota((dims.bt, 1), 0) % SUB
+    after, before, own = local > j, local < j, local == j
+    as_query = jnp.where(after, g.pf - prefix_f, jnp.where(before, prefix_b - g.xb, 0.0))
+    as_key = jnp.where(before, prefix_f - g.pf, jnp.where(after, g.xb - prefix_b, 0.0))
+    return jnp.exp(as_query), jnp.exp(as_key), after, before, own
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,10 +455,21 @@ def _forward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, *refs, dims: _Dims):
     v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
     g = _gates(_load_chunk_rows(gf_ref, c, dims), _load_chunk_rows(gb_ref, c, dims), dims)
     h_f, h_b = _carries_of_chunk(c, carry_refs, seg_refs, dims)
-    a = _intra_scores(q32, k32, g, k_ref, c, dims)
-    o = _mm(a, v, dims)
+    o = _mm(_off_diagonal_scores(q32, k32, g, dims), v, dims)
     o += _mm(q32 * jnp.exp(g.qf), h_f, dims)
     o += _mm(q32 * jnp.exp(g.qb), h_b, dims)
+
+    def column(j, carry):  # key row j of every sub-chunk, exact
+        o, prefix_f, prefix_b = carry
+        prefix_f = prefix_f + _load_sub_row(gf_ref, c, j, dims)
+        decay, _, _, _, own = _diag_step(g, j, prefix_f, prefix_b, dims)
+        k_j = _load_sub_row(k_ref, c, j, dims)
+        score = jnp.sum(q32 * k_j * (decay + own.astype(jnp.float32)), axis=1, keepdims=True)
+        o += score * _load_sub_row(v_ref, c, j, dims)
+        return o, prefix_f, prefix_b + _load_sub_row(gb_ref, c, j, dims)
+
+    zero = jnp.zeros_like(q32)
+    o, _, _ = lax.fori_loop(0, SUB, column, (o, zero, zero))
     _store_chunk_rows(o_ref, c, dims, o * (0.5 * dims.scale))
 
 
@@ -505,26 +515,35 @@ def _backward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims: _
         else:
             dq_b, dk_b = dq_b + dq_i, dk_b + dk_i
 
-    # Diagonal sub-blocks, exact, one key row of every sub-chunk per step.
-    def column(j, carry):
-        a, dq_f, dq_b, dk_f, dk_b = carry
-        decay, lower, upper, own = _diag_weights(g, j, dims)
-        k_j = _per_row(_load_column(k_ref, c, j, dims), dims)
-        own_f = own.astype(jnp.float32)
-        a += _scatter_column(jnp.sum(q32 * k_j * (decay + own_f), axis=1), j, dims)
-        da_j = _gather_column(da, j, dims)[:, None]  # [BT, 1]
-        w = da_j * decay
-        w_f, w_b = jnp.where(lower, w, 0.0), jnp.where(upper, w, 0.0)
-        dq_f += w_f * k_j
-        dq_b += w_b * k_j
-        local = _iota(k32.shape, 0) % SUB
-        dk_f += jnp.where(local == j, _per_row(_sub_sums(w_f * q32, dims), dims), 0.0)
-        dk_b += jnp.where(local == j, _per_row(_sub_sums(w_b * q32, dims), dims), 0.0)
-        return a, dq_f, dq_b, dk_f, dk_b
+    # Diagonal sub-blocks, exact. Step j: row j of every sub-chunk as the key of dq's pairs
+    # and as the query of dk's and dv's pairs.
+    v32 = v.astype(jnp.float32)
+    half_scale = 0.5 * dims.scale
 
-    a, dq_f, dq_b, dk_f, dk_b = lax.fori_loop(0, SUB, column, (a, dq_f, dq_b, dk_f, dk_b))
-    dv += _mm_tn(a, do, dims)
-    own = 2.0 * jnp.sum(do * v.astype(jnp.float32), axis=1, keepdims=True)  # both directions
+    def column(j, carry):
+        dq_f, dq_b, dk_f, dk_b, dv_diag, prefix_f, prefix_b = carry
+        prefix_f = prefix_f + _load_sub_row(gf_ref, c, j, dims)
+        as_query, as_key, after, before, own = _diag_step(g, j, prefix_f, prefix_b, dims)
+        k_j = _load_sub_row(k_ref, c, j, dims)
+        v_j = _load_sub_row(v_ref, c, j, dims)
+        w = jnp.sum(do * v_j, axis=1, keepdims=True) * as_query * k_j
+        dq_f += jnp.where(after, w, 0.0)
+        dq_b += jnp.where(before, w, 0.0)
+        q_j = _load_sub_row(q_ref, c, j, dims)
+        do_j = _load_sub_row(do_ref, c, j, dims) * half_scale
+        w = jnp.sum(do_j * v32, axis=1, keepdims=True) * as_key * q_j
+        dk_f += jnp.where(before, w, 0.0)
+        dk_b += jnp.where(after, w, 0.0)
+        score = jnp.sum(q_j * k32 * (as_key + own.astype(jnp.float32)), axis=1, keepdims=True)
+        dv_diag += score * do_j
+        prefix_b = prefix_b + _load_sub_row(gb_ref, c, j, dims)
+        return dq_f, dq_b, dk_f, dk_b, dv_diag, prefix_f, prefix_b
+
+    zero_k = jnp.zeros_like(k32)
+    init = (dq_f, dq_b, dk_f, dk_b, jnp.zeros_like(v32), zero_k, zero_k)
+    dq_f, dq_b, dk_f, dk_b, dv_diag, _, _ = lax.fori_loop(0, SUB, column, init)
+    dv += _mm_tn(a, do, dims) + dv_diag
+    own = 2.0 * jnp.sum(do * v32, axis=1, keepdims=True)  # both directions
 
     # Gate gradients (see the module docstring); the token's own pair is left out.
     cross_f = jnp.exp(g.total_f) * jnp.sum(h_f * d_f, axis=1)
@@ -732,7 +751,7 @@ def bigla_triton(
     q, k = _pad_last(q, dk_p), _pad_last(k, dk_p)
     gf, gb = _pad_last(gf.astype(jnp.float32), dk_p), _pad_last(gb.astype(jnp.float32), dk_p)
     v = _pad_last(v, dv_p)
-    dims = _dims(q, v, scale, config)
+    dims = _dims(q, v, scale, config, interpret)
     o = _bigla(q, k, v, gf, gb, dims, config, interpret)
     return o[..., :dv]
 
