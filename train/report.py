@@ -23,8 +23,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from absl import logging
-
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
@@ -238,11 +236,10 @@ def summary_line(summary: dict[str, Any]) -> str:
 
 
 def write_summary(workdir: str | Path, summary: dict[str, Any], enabled: bool = True) -> str:
-    """Writes summary.json, logs and returns the summary line."""
+    """Writes summary.json, prints and returns the summary line (process 0)."""
     line = summary_line(summary)
     if enabled:
         with open(Path(workdir) / SUMMARY_FILE, "w") as f:
             json.dump(summary, f, indent=2)
         print(line, flush=True)
-    logging.info(line)
     return line
