@@ -360,13 +360,21 @@ def build_components(
 
 
 class _StopRequest:
-    """Records SIGTERM / SIGINT so the loop can save and exit between steps."""
+    """Records SIGTERM / SIGINT so the loop can save and exit between steps.
+
+    Only in a single process: with several processes JAX's preemption service (set up by
+    ``jax.distributed.initialize``) owns SIGTERM and the loop asks it, through Orbax, for a step
+    at which every host saves; a Python handler here would replace JAX's and let one host stop
+    alone.
+    """
 
     def __init__(self):
         self.signal: int | None = None
         self._previous = {}
 
     def install(self) -> None:
+        if jax.process_count() > 1:
+            return
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
