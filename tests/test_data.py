@@ -193,3 +193,18 @@ def test_tfds_dataset_not_prepared_is_reported(tmp_path):
     c.data.tfds_data_dir = str(tmp_path / "tfds")
     with pytest.raises(data.DatasetNotFoundError, match="tfds build mnist"):
         data.create_source(c.data, "train")
+
+
+def test_tfds_source_feeds_the_pipeline(tmp_path):
+    import tensorflow_datasets as tfds
+
+    c = _config(tmp_path, img=8)
+    c.data.source = "tfds"
+    c.data.tfds_name = "mnist"
+    c.data.num_classes = 10
+    with tfds.testing.mock_data(num_examples=20):
+        train, eval_batches, info = data.create_datasets(c, process_index=0, process_count=1)
+        batch = next(iter(train))
+        assert batch["image"].shape == (4, 8, 8, 3) and batch["image"].dtype == np.uint8
+        assert info.num_train == 20 and len(info.classes) == 10
+        assert sum(int(b["mask"].sum()) for b in eval_batches()) == 20

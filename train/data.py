@@ -100,20 +100,15 @@ class ImageFolderSource(grain.sources.RandomAccessDataSource):
 class TfdsSource(grain.sources.RandomAccessDataSource):
     """A TFDS dataset already prepared on disk (ArrayRecord), read without TensorFlow.
 
-    Images are kept encoded (``tfds.decode.SkipDecoding``) and decoded by PIL in the pipeline.
+    TFDS decodes images with NumPy/PIL (or OpenCV) in this mode; a record that fails to read
+    or decode comes out as an empty image, which the pipeline counts as corrupt and skips.
     """
 
     def __init__(self, name: str, split: str, data_dir: str | None):
         import tensorflow_datasets as tfds
 
         try:
-            self._source = tfds.data_source(
-                name,
-                split=split,
-                data_dir=data_dir,
-                download=False,
-                decoders={"image": tfds.decode.SkipDecoding()},
-            )
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as err:  # noqa: BLE001 - TFDS raises many types for "not there".
             where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
             raise DatasetNotFoundError(
@@ -122,15 +117,22 @@ class TfdsSource(grain.sources.RandomAccessDataSource):
                 f"--file_format array_record` (imagenet2012 needs its manual download in "
                 f"<data_dir>/downloads/manual), or set --config.data.tfds_data_dir."
             ) from err
-        info = self._source.dataset_info
-        self.classes = list(info.features["label"].names)
+        self.name = name
+        self.classes = list(self._source.dataset_info.features["label"].names)
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self._source[index]
+        try:
+            record = self._source[index]
+        except Exception as err:  # noqa: BLE001 - a bad record must not stop the run.
+            logging.warning("cannot read record %d of %s: %s", index, self.name, err)
+            return {"image": b"", "label": 0, "name": f"{self.name}[{index}]"}
         return {"image": record["image"], "label": int(record["label"]), "name": str(index)}
+
+    def __repr__(self) -> str:
+        return f"TfdsSource({self.name}, {len(self)} records, {len(self.classes)} classes)"
 
 
 class FakeSource(grain.sources.RandomAccessDataSource):
