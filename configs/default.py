@@ -83,7 +83,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.param_sharding = "replicated"  # replicated | fsdp
     c.fsdp_min_size = 2**14
-    c.mesh_axis_type = "auto"  # auto | explicit
     c.distributed = "auto"  # auto | True | False: jax.distributed.initialize()
 
     c.tensorboard = True

@@ -72,8 +72,10 @@ def make_mesh(devices: list | None = None, axis_type: str = "auto") -> jax.shard
 
     Args:
       devices: the devices, or None for ``jax.devices()``.
-      axis_type: "auto" (XLA picks the layouts of intermediates) or "explicit" (sharding in
-        types, jax >= 0.9 default); passed explicitly either way.
+      axis_type: "auto" (XLA picks the layouts of intermediates; what the trainer uses) or
+        "explicit" (sharding in types, the jax >= 0.9 default, which the models do not
+        support yet: e.g. concatenating a replicated class token to a sharded batch fails);
+        passed explicitly either way.
     """
     devices = list(jax.devices() if devices is None else devices)
     kinds = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}

@@ -487,7 +487,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-    mesh = sharding.make_mesh(axis_type=config.mesh_axis_type)
+    mesh = sharding.make_mesh()  # Auto axis: the models are not written for Explicit mode.
     train_ds, eval_batches, info = data.create_datasets(
         config, process_index=jax.process_index(), process_count=jax.process_count()
     )
