@@ -526,7 +526,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     latest = ckpt.latest_step()
     if latest is not None:
         checkpoint.log_checkpoints(ckpt)
-        state = ckpt.restore(latest, comps.abstract_state, train_iter, meta, IDENTITY_KEYS)
+        try:
+            state = ckpt.restore(latest, comps.abstract_state, train_iter, meta, IDENTITY_KEYS)
+        except Exception:
+            ckpt.close()
+            if hasattr(train_iter, "close"):
+                train_iter.close()
+            raise
         start_step = int(jax.device_get(state.step))
         logging.info("resumed from %s (step %d)", ckpt.step_path(latest), start_step)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
