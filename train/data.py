@@ -3,7 +3,7 @@
 Every source is a random-access ``grain.sources.RandomAccessDataSource`` of dicts
 ``{"image": <encoded bytes or uint8 [H, W, 3]>, "label": int, "name": str}``. The pipeline is
 
-    source[process::processes] -> shuffle -> repeat -> random_map(decode + host augment)
+    source -> shuffle -> repeat -> random_map(decode + host augment) -> [process::processes]
       -> to_iter_dataset (read_threads) -> skip corrupt images (counted) -> batch
       -> mp_prefetch (num_workers processes; train only)
 
@@ -333,9 +333,14 @@ def create_datasets(
             f"{train_src!r} has {len(train_src)} images, fewer than batch_size={config.batch_size}"
         )
 
-    train = grain.MapDataset.source(train_src)[process_index::process_count]
-    train = train.seed(config.seed).shuffle().repeat()
+    # Every host walks the same global shuffled, augmented stream (lazily: it decodes only its
+    # own elements) and takes every process_count-th element. Global batch s is then the same
+    # images with the same augmentation whatever the number of hosts (rows in host order).
+    # Slicing the source before shuffling would give every host the same permutation and the
+    # same augmentation draws, so a global batch would hold runs of neighbouring images.
+    train = grain.MapDataset.source(train_src).seed(config.seed).shuffle().repeat()
     train = train.random_map(TrainPreprocess(dc.img_size, config.aug.rand_augment or None))
+    train = train[process_index::process_count]
     read = grain.ReadOptions(num_threads=dc.read_threads, prefetch_buffer_size=2 * host_batch)
     train_iter = SkipCorrupt(train.to_iter_dataset(read)).batch(host_batch, drop_remainder=True)
     train_iter = _multiprocessing(train_iter, dc.num_workers)

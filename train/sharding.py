@@ -31,6 +31,20 @@ def _multi_process_requested() -> bool:
     return any(int(os.environ.get(name, "1")) > 1 for name in _CLUSTER_ENV)
 
 
+def _distributed_mode(mode: str | bool) -> str | bool:
+    """``config.distributed`` -> "auto", True or False (a command line gives strings)."""
+    if isinstance(mode, bool):
+        return mode
+    text = str(mode).strip().lower()
+    if text in ("auto", ""):
+        return "auto"
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"distributed={mode!r}; expected 'auto', True or False")
+
+
 def maybe_initialize_distributed(mode: str | bool = "auto") -> bool:
     """Calls ``jax.distributed.initialize()`` when this is one of several processes.
 
@@ -38,11 +52,13 @@ def maybe_initialize_distributed(mode: str | bool = "auto") -> bool:
       mode: "auto" initialises when the environment names a coordinator
         (``JAX_COORDINATOR_ADDRESS``, with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``) or a
         multi-task SLURM / Open MPI launch, which ``jax.distributed.initialize`` detects by
-        itself; True always initialises; False never does.
+        itself; True always initialises; False never does. The strings "True" / "False"
+        (what ``--config.distributed=False`` gives) count as the booleans.
 
     Returns:
       True if JAX runs as several processes now.
     """
+    mode = _distributed_mode(mode)
     if mode == "auto":
         mode = _multi_process_requested()
     if not mode:
