@@ -11,7 +11,8 @@ one-device run: same train and eval metrics, and the checkpoints both runs wrote
 step, restored here on one CPU device, hold the same state (parameters, Adam moments, EMA).
 
 The two-process run is done twice, with replicated and with FSDP-sharded parameters (the
-latter writes parameter shards from both processes into one Orbax checkpoint).
+latter writes parameter shards from both processes into one Orbax checkpoint). Resuming
+the two-process run in one process is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -217,6 +218,15 @@ def test_two_processes_train_like_one_process(tmp_path):
             assert _max_diff(state.params, state_one[step].params) <= 0.02 * moved, (mode, step)
             assert _max_diff(state.ema_params, state_one[step].ema_params) <= 0.02 * moved
             assert _max_diff(state.rng, state_one[step].rng) == 0
+
+    # Resuming needs the same number of processes (Grain's position is per process).
+    workdir = tmp_path / "replicated"
+    config = tiny_config(**{**OVERRIDES, "total_steps": 3, "distributed": "False"})
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="written by 2 processes"):
+        trainer.train_and_evaluate(config, str(workdir))
+    ckpt = checkpoint.Checkpointer(workdir, best_metric=None)
+    assert ckpt.all_steps() == [1, 2]
+    ckpt.close()
 
 
 def test_hosts_share_out_the_global_batch_of_one_process():

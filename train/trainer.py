@@ -451,8 +451,26 @@ def run_meta(config, num_classes: int) -> dict[str, Any]:
         "patch_size": config.model.patch_size or None,
         "batch_size": config.batch_size,
         "param_dtype": config.model.param_dtype,
+        "process_count": jax.process_count(),
         "config": config.to_json(),
     }
+
+
+def check_process_count(ckpt: checkpoint.Checkpointer, step: int) -> None:
+    """Resuming needs as many processes as wrote checkpoint ``step`` (Grain's iterator
+    position is saved per process); checkpoints older than this check pass.
+
+    Raises:
+      checkpoint.CheckpointMismatchError: naming both process counts.
+    """
+    saved = ckpt.read_meta(step).get("process_count", jax.process_count())
+    if saved != jax.process_count():
+        raise checkpoint.CheckpointMismatchError(
+            f"{ckpt.step_path(step)} was written by {saved} processes and this run has "
+            f"{jax.process_count()}: the data pipeline's position is saved per process, so "
+            f"resume with {saved} processes. The train state itself restores on any number "
+            "of devices and processes (docs/multihost.md). Nothing was changed."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,6 +545,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if latest is not None:
         checkpoint.log_checkpoints(ckpt)
         try:
+            check_process_count(ckpt, latest)
             state = ckpt.restore(latest, comps.abstract_state, train_iter, meta, IDENTITY_KEYS)
         except Exception:
             ckpt.close()
