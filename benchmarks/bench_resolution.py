@@ -867,6 +867,11 @@ def print_table(rows: list[dict[str, Any]], header: str = "") -> None:
         print(text)
 
 
+def _positive(x: Any) -> bool:
+    """True for a finite number > 0 (FLOP counts can be NaN where XLA gives no estimate)."""
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
 def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     """Three log-log panels against resolution: train/infer img/s, peak MiB/image, GFLOP/image."""
     import matplotlib
@@ -928,7 +933,7 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
             {
                 (r["img_size"], r["fwd_flops_per_image_xla_form"])
                 for r in rows
-                if r["model"] == model and r.get("fwd_flops_per_image_xla_form")
+                if r["model"] == model and _positive(r.get("fwd_flops_per_image_xla_form"))
             }
         )
         if flops:
