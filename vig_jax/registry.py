@@ -46,6 +46,45 @@ def register_model(name: str) -> Callable[[F], F]:
     return decorator
 
 
+def register_variants(model_cls: Callable[..., nnx.Module], configs: dict[str, Any]) -> None:
+    """Registers one factory per ``configs`` entry, each building ``model_cls(config, ...)``.
+
+    ``model_cls`` takes the variant's config first and the registry's keyword arguments
+    (see the module docstring) after it.
+    """
+    for name, config in configs.items():
+        register_model(name)(_variant_factory(name, model_cls, config))
+
+
+def _variant_factory(name: str, model_cls: Callable[..., nnx.Module], config: Any) -> Factory:
+    def factory(
+        *,
+        num_classes: int = 1000,
+        img_size: int = 224,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        implementation: str | None = None,
+        drop_path_rate: float | None = None,
+        patch_size: int | None = None,
+        rngs: nnx.Rngs,
+    ) -> nnx.Module:
+        return model_cls(
+            config,
+            num_classes=num_classes,
+            img_size=img_size,
+            patch_size=patch_size,
+            drop_path_rate=drop_path_rate,
+            implementation=implementation,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    factory.__name__ = name
+    factory.__doc__ = f"Builds {name} ({config})."
+    return factory
+
+
 def list_models() -> list[str]:
     """Sorted names of all registered models."""
     return sorted(_REGISTRY)

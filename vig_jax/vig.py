@@ -45,7 +45,7 @@ from vig_jax.layers import (
     trunc_normal_timm,
     vig_mlp_hidden,
 )
-from vig_jax.registry import register_model
+from vig_jax.registry import register_variants
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,34 +208,4 @@ class ViG(nnx.Module):
         )
 
 
-def _factory(name: str):
-    def factory(
-        *,
-        num_classes: int = 1000,
-        img_size: int = 224,
-        dtype: Dtype = jnp.float32,
-        param_dtype: Dtype = jnp.float32,
-        implementation: str | None = None,
-        drop_path_rate: float | None = None,
-        patch_size: int | None = None,
-        rngs: nnx.Rngs,
-    ) -> ViG:
-        return ViG(
-            VIG_CONFIGS[name],
-            num_classes=num_classes,
-            img_size=img_size,
-            patch_size=patch_size,
-            drop_path_rate=drop_path_rate,
-            implementation=implementation,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
-
-    factory.__name__ = name
-    factory.__doc__ = f"Builds {name} ({VIG_CONFIGS[name]})."
-    return factory
-
-
-for _name in VIG_CONFIGS:
-    register_model(_name)(_factory(_name))
+register_variants(ViG, VIG_CONFIGS)
