@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from official_state_dict import OFFICIAL_PARAM_COUNTS
 
 from vig_jax import create_model, list_models, register_model
 from vig_jax.layers import DropPath, resize_pos_embed, torch_bicubic_matrix
@@ -23,16 +24,6 @@ from vig_jax.vig_h import ViGH, ViGHConfig
 
 DATA = pathlib.Path(__file__).parent / "data"
 
-# Parameter counts of the official PyTorch models (vig-reference.md 5.1; README 6M/23M/89M,
-# 29M/50M/89M).
-OFFICIAL_PARAM_COUNTS = {
-    "vig_t": 5_834_536,
-    "vig_s": 22_615_144,
-    "vig_b": 89_022_184,
-    "vig_h_t": 28_600_680,
-    "vig_h_s": 50_051_688,
-    "vig_h_b": 88_904_360,
-}
 XAVIER_GAIN = 2**-2.5
 
 
