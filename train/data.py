@@ -152,6 +152,9 @@ class FakeSource(grain.sources.RandomAccessDataSource):
         image = rng.integers(0, 256, (self._size, self._size, 3), dtype=np.uint8)
         return {"image": image, "label": index % len(self.classes), "name": str(index)}
 
+    def __repr__(self) -> str:
+        return f"FakeSource({self._n} random {self._size}px images, {len(self.classes)} classes)"
+
 
 def _folder_hint(root: Path, split: str) -> str:
     return (
