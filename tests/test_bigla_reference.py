@@ -63,3 +63,20 @@ def test_bad_inputs_raise_clear_errors():
         bigla(q.astype(np.int32), q, v, q, q)
     with pytest.raises(ValueError, match="implementation='nope'"):
         bigla(q, q, v, q, q, implementation="nope")
+
+
+def test_associative_scan_takes_bf16_inputs_with_fp32_gates():
+    """bf16 q, k, v with fp32 gates (how the models call it): scanned in fp32, bf16 out."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(3)
+    q, k, v, gf, gb = random_inputs(rng, 2, 33, 2, 16, 32)
+    low = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
+    gates = [jnp.asarray(x, jnp.float32) for x in (gf, gb)]
+    got = bigla(*low, *gates, implementation="associative_scan")
+    assert got.dtype == jnp.bfloat16
+    exact = [np.asarray(x, np.float64) for x in low] + [np.asarray(x, np.float64) for x in gates]
+    want = numpy_recurrence(*exact, scale=16**-0.5)
+    np.testing.assert_allclose(
+        np.asarray(got, np.float64), want, rtol=0, atol=1e-2 * np.abs(want).max()
+    )

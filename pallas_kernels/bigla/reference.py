@@ -94,8 +94,12 @@ def bigla_associative_scan(q, k, v, gf, gb, *, scale: float | None = None):
     Args and returns as :func:`bigla_quadratic`.
     """
     scale = _default_scale(q, scale)
+    # Low-precision inputs are scanned in float32 (the scan's carries must keep one dtype).
+    dtype = jnp.promote_types(jnp.result_type(q, k, v, gf, gb), jnp.float32)
+    out_dtype = v.dtype
+    q, k, v, gf, gb = (jnp.asarray(x, dtype) for x in (q, k, v, gf, gb))
     kv = jnp.einsum("bnhd,bnhe->bnhde", k, v)
     _, s_f = jax.lax.associative_scan(_combine, (gf, kv), axis=1)
     _, s_b = jax.lax.associative_scan(_combine, (gb, kv), axis=1, reverse=True)
     o = jnp.einsum("bnhd,bnhde->bnhe", q, s_f + s_b)
-    return (scale * 0.5 * o).astype(v.dtype)
+    return (scale * 0.5 * o).astype(out_dtype)
