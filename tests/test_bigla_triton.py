@@ -26,6 +26,8 @@ CASES = [  # (B, N, H, Dk, Dv), gates, Config kwargs
     ((1, 33, 1, 128, 32), "random", {}),
     ((1, 40, 1, 24, 40), "random", {}),  # head dims that are not powers of two
     ((1, 1000, 1, 32, 64), "steep", {}),
+    ((2, 70, 1, 32, 64), "steep", {"chunk": 16}),  # one sub-chunk per chunk
+    ((1, 197, 2, 32, 64), "random", {"chunk": 16, "bwd_chunk": 64, "bwd_warps": 2}),
 ]
 
 
@@ -93,8 +95,12 @@ def _cuda_lowering_text(shape, dtype, config):
 
 @pytest.mark.parametrize(
     ("dtype", "config", "calls"),
-    [(jnp.float32, triton.Config(segments=1), 4), (jnp.bfloat16, triton.Config(segments=3), 6)],
-    ids=["fp32", "bf16-segments"],
+    [
+        (jnp.float32, triton.Config(segments=1), 4),
+        (jnp.bfloat16, triton.Config(segments=3), 6),
+        (jnp.bfloat16, triton.Config(chunk=16, bwd_chunk=64, bwd_warps=2), 6),
+    ],
+    ids=["fp32", "bf16-segments", "bf16-chunk16-bwd64"],
 )
 def test_forward_and_backward_lower_to_triton_for_cuda(dtype, config, calls):
     """States, chunk and (with segments) fold kernels of both passes lower through Triton."""
@@ -105,6 +111,10 @@ def test_forward_and_backward_lower_to_triton_for_cuda(dtype, config, calls):
 def test_config_and_input_validation():
     with pytest.raises(ValueError, match="chunk=24"):
         triton.Config(chunk=24)
+    with pytest.raises(ValueError, match="bwd_chunk=48"):
+        triton.Config(bwd_chunk=48)
+    with pytest.raises(ValueError, match="bwd_warps=3"):
+        triton.Config(bwd_warps=3)
     with pytest.raises(ValueError, match="segments=0"):
         triton.Config(segments=0)
     q = jnp.zeros((1, 8, 1, 16), jnp.float32)

@@ -52,6 +52,8 @@ class Config:
         give ``target_programs`` programs with at least ``min_chunks_per_segment`` chunks each.
       fp32_dots: products of fp32 inputs on the GPU: "tf32x3" (three TF32 tensor-core products,
         ~fp32 accuracy) or "ieee" (exact fp32 FMAs, much slower). Interpret mode: exact fp32.
+      bwd_chunk, bwd_warps, bwd_stages: ``chunk``, ``num_warps`` and ``num_stages`` of the
+        backward pass (its state and chunk kernels); None uses the forward's value.
     """
 
     chunk: int = 32
@@ -62,14 +64,36 @@ class Config:
     target_programs: int = 264
     min_chunks_per_segment: int = 2
     fp32_dots: str = "tf32x3"
+    bwd_chunk: int | None = None
+    bwd_warps: int | None = None
+    bwd_stages: int | None = None
 
     def __post_init__(self):
         if self.fp32_dots not in ("tf32x3", "ieee"):
             raise ValueError(f"fp32_dots={self.fp32_dots!r}; expected 'tf32x3' or 'ieee'")
-        if self.chunk < SUB or self.chunk & (self.chunk - 1):
-            raise ValueError(f"chunk={self.chunk}; expected a power of two >= {SUB}")
+        for name in ("chunk", "bwd_chunk"):
+            chunk = getattr(self, name)
+            if chunk is not None and (chunk < SUB or chunk & (chunk - 1)):
+                raise ValueError(f"{name}={chunk}; expected a power of two >= {SUB}")
         if self.segments is not None and self.segments < 1:
             raise ValueError(f"segments={self.segments}; expected None or >= 1")
+        for name in ("num_warps", "state_warps", "bwd_warps"):
+            warps = getattr(self, name)
+            if warps is not None and (warps < 1 or warps & (warps - 1)):
+                raise ValueError(f"{name}={warps}; expected a power of two >= 1")
+
+    def backward(self) -> Config:
+        """The knobs of the backward pass as a forward-style Config (bwd_* fields applied)."""
+        pick = lambda value, default: default if value is None else value
+        return dataclasses.replace(
+            self,
+            chunk=pick(self.bwd_chunk, self.chunk),
+            num_warps=pick(self.bwd_warps, self.num_warps),
+            num_stages=pick(self.bwd_stages, self.num_stages),
+            bwd_chunk=None,
+            bwd_warps=None,
+            bwd_stages=None,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,8 +215,13 @@ def _load_sub_row(ref, c, j, dims: _Dims):
     """Row j of each row's sub-chunk of chunk c: [BT, D] fp32 (row r gets row r//16*16 + j).
 
     A gather load (the 16 rows of a sub-chunk read the same row, from L1), so that no value
-    is reshaped or broadcast across rows inside the per-row loops.
+    is reshaped or broadcast across rows inside the per-row loops. A chunk of one sub-chunk
+    loads the row once as [1, D] instead (it broadcasts against [BT, D]).
     """
+    if dims.subs == 1:
+        row = c * dims.bt + j
+        mask = row + _iota((1, ref.shape[-1]), 0) < dims.n
+        return plt.load(ref.at[pl.ds(row, 1), :], mask=mask, other=0).astype(jnp.float32)
     shape = (dims.bt, ref.shape[-1])
     rows = c * dims.bt + (_iota(shape, 0) // SUB) * SUB + j
     x = plt.load(ref.at[rows, _iota(shape, 1)], mask=rows < dims.n, other=0)
@@ -303,24 +332,51 @@ def _off_diagonal_scores(q32, k32, g: _Gates, dims: _Dims):
     return a
 
 
-def _diag_step(g: _Gates, j, prefix_f, prefix_b, dims: _Dims):
-    """Exact in-sub-chunk decays of step j of the loops over a sub-chunk's 16 rows.
+def _prefix_init(dims: _Dims):
+    """Zero gate prefix of the in-sub-chunk loops: [BT, Dk], or [1, Dk] for one sub-chunk."""
+    return jnp.zeros((dims.bt if dims.subs > 1 else 1, dims.dk), jnp.float32)
+
+
+def _diag_masks(j, dims: _Dims):
+    """[BT, 1] masks of the rows after / before / at row j of their sub-chunk."""
+    local = _iota((dims.bt, 1), 0) % SUB
+    return local > j, local < j, local == j
+
+
+def _diag_query_decay(g: _Gates, j, prefix_f, prefix_b, dims: _Dims):
+    """Exact in-sub-chunk decays between query row r and key row j of r's sub-chunk, [BT, Dk].
 
     Args:
-      prefix_f: [BT, Dk] sum of gf over rows 0..j of each row's sub-chunk (inclusive).
-      prefix_b: [BT, Dk] sum of gb over rows 0..j-1 (exclusive).
+      prefix_f: [BT, Dk] (or [1, Dk]) sum of gf over rows 0..j of each row's sub-chunk.
+      prefix_b: the same for gb over rows 0..j-1 (exclusive).
 
     Returns:
-      (as_query, as_key, after, before, own): as_query[r] is the decay between query row r and
-      key row j of its sub-chunk, as_key[s] between query row j and key row s (both 1 for the
-      token itself, 0 never); after/before/own are [BT, 1] masks of the rows after / before /
-      at row j of their sub-chunk.
+      exp of the exponent (<= 0) of the rows after j (forward pairs) and before j (backward
+      pairs); 1 on row j itself.
     """
-    local = _iota((dims.bt, 1), 0) % SUB
-    after, before, own = local > j, local < j, local == j
-    as_query = jnp.where(after, g.pf - prefix_f, jnp.where(before, prefix_b - g.xb, 0.0))
-    as_key = jnp.where(before, prefix_f - g.pf, jnp.where(after, g.xb - prefix_b, 0.0))
-    return jnp.exp(as_query), jnp.exp(as_key), after, before, own
+    after, before, _ = _diag_masks(j, dims)
+    return jnp.exp(jnp.where(after, g.pf - prefix_f, jnp.where(before, prefix_b - g.xb, 0.0)))
+
+
+def _diag_key_decay(g: _Gates, j, prefix_f, prefix_b, dims: _Dims):
+    """Like :func:`_diag_query_decay` with row j as the query and row s as the key."""
+    after, before, _ = _diag_masks(j, dims)
+    return jnp.exp(jnp.where(before, prefix_f - g.pf, jnp.where(after, g.xb - prefix_b, 0.0)))
+
+
+def _own_block_cols(shape, j):
+    """[BT, BT] mask of column ``sub(r) * 16 + j`` in row r (entry j of r's own sub-chunk)."""
+    return _iota(shape, 1) == (_iota(shape, 0) // SUB) * SUB + j
+
+
+def _own_block_column(x, j):
+    """[BT, BT] -> [BT, 1]: x[r, sub(r) * 16 + j], an exact copy."""
+    return jnp.sum(jnp.where(_own_block_cols(x.shape, j), x, 0.0), axis=1, keepdims=True)
+
+
+def _place_own_block_column(x, column, j):
+    """x with x[r, sub(r) * 16 + j] = column[r] ([BT, BT], column [BT, 1])."""
+    return jnp.where(_own_block_cols(x.shape, j), column, x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,26 +511,33 @@ def _forward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, *refs, dims: _Dims):
     v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
     g = _gates(_load_chunk_rows(gf_ref, c, dims), _load_chunk_rows(gb_ref, c, dims), dims)
     h_f, h_b = _carries_of_chunk(c, carry_refs, seg_refs, dims)
-    o = _mm(_off_diagonal_scores(q32, k32, g, dims), v, dims)
-    o += _mm(q32 * jnp.exp(g.qf), h_f, dims)
+    o = _mm(q32 * jnp.exp(g.qf), h_f, dims)
     o += _mm(q32 * jnp.exp(g.qb), h_b, dims)
 
-    def column(j, carry):  # key row j of every sub-chunk, exact
-        o, prefix_f, prefix_b = carry
+    def column(j, carry):  # key row j of every sub-chunk: the diagonal blocks' scores, exact
+        a, prefix_f, prefix_b = carry
         prefix_f = prefix_f + _load_sub_row(gf_ref, c, j, dims)
-        decay, _, _, _, own = _diag_step(g, j, prefix_f, prefix_b, dims)
+        decay = _diag_query_decay(g, j, prefix_f, prefix_b, dims)
+        own = _diag_masks(j, dims)[2].astype(jnp.float32)
         k_j = _load_sub_row(k_ref, c, j, dims)
-        score = jnp.sum(q32 * k_j * (decay + own.astype(jnp.float32)), axis=1, keepdims=True)
-        o += score * _load_sub_row(v_ref, c, j, dims)
-        return o, prefix_f, prefix_b + _load_sub_row(gb_ref, c, j, dims)
+        score = jnp.sum(q32 * k_j * (decay + own), axis=1, keepdims=True)
+        a = _place_own_block_column(a, score, j)
+        return a, prefix_f, prefix_b + _load_sub_row(gb_ref, c, j, dims)
 
-    zero = jnp.zeros_like(q32)
-    o, _, _ = lax.fori_loop(0, SUB, column, (o, zero, zero))
+    zero = _prefix_init(dims)
+    a = _off_diagonal_scores(q32, k32, g, dims)  # zero on the diagonal blocks
+    a, _, _ = lax.fori_loop(0, SUB, column, (a, zero, zero))
+    o += _mm(a, v, dims)
     _store_chunk_rows(o_ref, c, dims, o * (0.5 * dims.scale))
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims: _Dims):
-    """All five gradients of one chunk's rows (see the module docstring)."""
+    """All five gradients of one chunk's rows (see the module docstring).
+
+    Ordered to keep few [BT, D] values live: the carries are consumed first (into the
+    inter-chunk terms and the gate gradients' cross terms), dq is finished and stored after
+    the first in-sub-chunk loop, dk and dv after the second.
+    """
     carry_refs, refs = refs[:4], refs[4:]
     seg_refs = None
     if dims.ns > 1:
@@ -489,17 +552,25 @@ def _backward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims: _
     h_f, h_b, d_f, d_b = _carries_of_chunk(c, carry_refs, seg_refs, dims)
     sub = _iota((dims.bt, 1), 0) // SUB
 
-    # Inter-chunk terms.
-    e_qf, e_qb, e_kf, e_kb = (jnp.exp(x) for x in (g.qf, g.qb, g.kf, g.kb))
-    dq_f = _mm_nt(do, h_f, dims) * e_qf
-    dq_b = _mm_nt(do, h_b, dims) * e_qb
+    # Inter-chunk terms, and the gate gradients' parts that need the carries (module
+    # docstring): the key-side inter terms enter as prefix / suffix sums, plus the cross terms.
+    e_kf, e_kb = jnp.exp(g.kf), jnp.exp(g.kb)
+    dq_f = _mm_nt(do, h_f, dims) * jnp.exp(g.qf)
+    dq_b = _mm_nt(do, h_b, dims) * jnp.exp(g.qb)
     dk_f_inter = _mm_nt(v, d_f, dims) * e_kf
     dk_b_inter = _mm_nt(v, d_b, dims) * e_kb
     dv = _mm(k32 * e_kf, d_f, dims) + _mm(k32 * e_kb, d_b, dims)
+    b_f = k32 * dk_f_inter
+    b_b = k32 * dk_b_inter
+    cross_f = jnp.exp(g.total_f) * jnp.sum(h_f * d_f, axis=1)
+    cross_b = jnp.exp(g.total_b) * jnp.sum(h_b * d_b, axis=1)
+    dgf = jnp.cumsum(b_f, axis=0) - b_f + cross_f[None, :]
+    dgb = jnp.sum(b_b, axis=0) - jnp.cumsum(b_b, axis=0) + cross_b[None, :]
+    dk_inter = dk_f_inter + dk_b_inter
 
-    # Off-diagonal sub-blocks.
+    # Off-diagonal sub-blocks. at[s, r] is the score of query r and key s (transposed).
     da = _mm_nt(do, v, dims)  # [BT, BT]: d score[r, s]
-    a = jnp.zeros((dims.bt, dims.bt), jnp.float32)
+    at = jnp.zeros((dims.bt, dims.bt), jnp.float32)
     dk_f = jnp.zeros_like(k32)  # intra-chunk, strictly off the token's own pair
     dk_b = jnp.zeros_like(k32)
     e_pf, e_sb = jnp.exp(g.pf), jnp.exp(g.sb)
@@ -507,7 +578,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims: _
         fwd = direction == "f"
         query = jnp.where(sub == i, q32 * (e_pf if fwd else e_sb), 0.0)
         key = k32 * key_factor
-        a += _mm_nt(query, key, dims)
+        at += _mm_nt(key, query, dims)
         dq_i = jnp.where(sub == i, _mm(da, key, dims) * (e_pf if fwd else e_sb), 0.0)
         dk_i = _mm_tn(da, query, dims) * key_factor
         if fwd:
@@ -516,50 +587,49 @@ def _backward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims: _
             dq_b, dk_b = dq_b + dq_i, dk_b + dk_i
 
     # Diagonal sub-blocks, exact. Step j: row j of every sub-chunk as the key of dq's pairs
-    # and as the query of dk's and dv's pairs.
-    v32 = v.astype(jnp.float32)
-    half_scale = 0.5 * dims.scale
-
-    def column(j, carry):
-        dq_f, dq_b, dk_f, dk_b, dv_diag, prefix_f, prefix_b = carry
+    # (first loop) and as the query of dk's and dv's pairs (second loop).
+    def dq_column(j, carry):
+        dq_f, dq_b, prefix_f, prefix_b = carry
         prefix_f = prefix_f + _load_sub_row(gf_ref, c, j, dims)
-        as_query, as_key, after, before, own = _diag_step(g, j, prefix_f, prefix_b, dims)
-        k_j = _load_sub_row(k_ref, c, j, dims)
-        v_j = _load_sub_row(v_ref, c, j, dims)
-        w = jnp.sum(do * v_j, axis=1, keepdims=True) * as_query * k_j
+        after, before, _ = _diag_masks(j, dims)
+        decay = _diag_query_decay(g, j, prefix_f, prefix_b, dims)
+        w = _own_block_column(da, j) * decay * _load_sub_row(k_ref, c, j, dims)
         dq_f += jnp.where(after, w, 0.0)
         dq_b += jnp.where(before, w, 0.0)
+        return dq_f, dq_b, prefix_f, prefix_b + _load_sub_row(gb_ref, c, j, dims)
+
+    zero = _prefix_init(dims)
+    dq_f, dq_b, _, _ = lax.fori_loop(0, SUB, dq_column, (dq_f, dq_b, zero, zero))
+    own = 2.0 * jnp.sum(do * v.astype(jnp.float32), axis=1, keepdims=True)  # both directions
+    _store_chunk_rows(dq_ref, c, dims, dq_f + dq_b + own * k32)
+    a_f = q32 * dq_f
+    a_b = q32 * dq_b
+
+    dat = _mm_nt(v, do, dims)  # [BT, BT]: d score[r, s] at [s, r]
+
+    def dk_column(j, carry):
+        dk_f, dk_b, at, prefix_f, prefix_b = carry
+        prefix_f = prefix_f + _load_sub_row(gf_ref, c, j, dims)
+        after, before, own_row = _diag_masks(j, dims)
+        decay = _diag_key_decay(g, j, prefix_f, prefix_b, dims)
         q_j = _load_sub_row(q_ref, c, j, dims)
-        do_j = _load_sub_row(do_ref, c, j, dims) * half_scale
-        w = jnp.sum(do_j * v32, axis=1, keepdims=True) * as_key * q_j
+        w = _own_block_column(dat, j) * decay * q_j
         dk_f += jnp.where(before, w, 0.0)
         dk_b += jnp.where(after, w, 0.0)
-        score = jnp.sum(q_j * k32 * (as_key + own.astype(jnp.float32)), axis=1, keepdims=True)
-        dv_diag += score * do_j
-        prefix_b = prefix_b + _load_sub_row(gb_ref, c, j, dims)
-        return dq_f, dq_b, dk_f, dk_b, dv_diag, prefix_f, prefix_b
+        own_weight = decay + own_row.astype(jnp.float32)  # the token's own pair counts twice
+        score = jnp.sum(q_j * k32 * own_weight, axis=1, keepdims=True)
+        at = _place_own_block_column(at, score, j)
+        return dk_f, dk_b, at, prefix_f, prefix_b + _load_sub_row(gb_ref, c, j, dims)
 
-    zero_k = jnp.zeros_like(k32)
-    init = (dq_f, dq_b, dk_f, dk_b, jnp.zeros_like(v32), zero_k, zero_k)
-    dq_f, dq_b, dk_f, dk_b, dv_diag, _, _ = lax.fori_loop(0, SUB, column, init)
-    dv += _mm_tn(a, do, dims) + dv_diag
-    own = 2.0 * jnp.sum(do * v32, axis=1, keepdims=True)  # both directions
+    dk_f, dk_b, at, _, _ = lax.fori_loop(0, SUB, dk_column, (dk_f, dk_b, at, zero, zero))
+    _store_chunk_rows(dk_ref, c, dims, dk_f + dk_b + dk_inter + own * q32)
+    _store_chunk_rows(dv_ref, c, dims, dv + _mm(at, do, dims))
 
     # Gate gradients (see the module docstring); the token's own pair is left out.
-    cross_f = jnp.exp(g.total_f) * jnp.sum(h_f * d_f, axis=1)
-    cross_b = jnp.exp(g.total_b) * jnp.sum(h_b * d_b, axis=1)
-    a_f = q32 * dq_f - k32 * dk_f
-    b_f = k32 * dk_f_inter
-    a_b = q32 * dq_b - k32 * dk_b
-    b_b = k32 * dk_b_inter
-    suffix_a_f = jnp.sum(a_f, axis=0) - jnp.cumsum(a_f, axis=0) + a_f
-    dgf = suffix_a_f + (jnp.cumsum(b_f, axis=0) - b_f) + cross_f[None, :]
-    suffix_b_b = jnp.sum(b_b, axis=0) - jnp.cumsum(b_b, axis=0)
-    dgb = jnp.cumsum(a_b, axis=0) + suffix_b_b + cross_b[None, :]
-
-    _store_chunk_rows(dq_ref, c, dims, dq_f + dq_b + own * k32)
-    _store_chunk_rows(dk_ref, c, dims, dk_f + dk_b + dk_f_inter + dk_b_inter + own * q32)
-    _store_chunk_rows(dv_ref, c, dims, dv)
+    a_f -= k32 * dk_f
+    a_b -= k32 * dk_b
+    dgf += jnp.sum(a_f, axis=0) - jnp.cumsum(a_f, axis=0) + a_f
+    dgb += jnp.cumsum(a_b, axis=0)
     _store_chunk_rows(dgf_ref, c, dims, dgf)
     _store_chunk_rows(dgb_ref, c, dims, dgb)
 
@@ -700,6 +770,9 @@ def _bigla_fwd(q, k, v, gf, gb, dims, config, interpret):
 
 
 def _bigla_bwd(dims, config, interpret, residuals, do):
+    config = config.backward()
+    q, _, v = residuals[:3]
+    dims = _dims(q, v, dims.scale, config, interpret)
     return _backward(*residuals, do, dims, config, interpret)
 
 
