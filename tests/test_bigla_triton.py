@@ -28,6 +28,8 @@ CASES = [  # (B, N, H, Dk, Dv), gates, Config kwargs
     ((1, 1000, 1, 32, 64), "steep", {}),
     ((2, 70, 1, 32, 64), "steep", {"chunk": 16}),  # one sub-chunk per chunk
     ((1, 197, 2, 32, 64), "random", {"chunk": 16, "bwd_chunk": 64, "bwd_warps": 2}),
+    ((1, 300, 1, 32, 64), "steep", {"segments": 3, "save_states": True}),  # forward's states
+    ((2, 61, 3, 32, 64), "random", {"chunk": 16, "save_states": True}),
 ]
 
 
@@ -99,8 +101,9 @@ def _cuda_lowering_text(shape, dtype, config):
         (jnp.float32, triton.Config(segments=1), 4),
         (jnp.bfloat16, triton.Config(segments=3), 6),
         (jnp.bfloat16, triton.Config(chunk=16, bwd_chunk=64, bwd_warps=2), 6),
+        (jnp.bfloat16, triton.Config(segments=3, save_states=True), 6),
     ],
-    ids=["fp32", "bf16-segments", "bf16-chunk16-bwd64"],
+    ids=["fp32", "bf16-segments", "bf16-chunk16-bwd64", "bf16-saved-states"],
 )
 def test_forward_and_backward_lower_to_triton_for_cuda(dtype, config, calls):
     """States, chunk and (with segments) fold kernels of both passes lower through Triton."""

@@ -54,6 +54,9 @@ class Config:
         ~fp32 accuracy) or "ieee" (exact fp32 FMAs, much slower). Interpret mode: exact fp32.
       bwd_chunk, bwd_warps, bwd_stages: ``chunk``, ``num_warps`` and ``num_stages`` of the
         backward pass (its state and chunk kernels); None uses the forward's value.
+      save_states: keep the forward's state carries ([B, H, chunks, Dk, Dv] twice, in the dot
+        dtype) for the backward instead of recomputing them (only when the backward's chunk is
+        the forward's): more residual memory, less backward work.
     """
 
     chunk: int = 32
@@ -67,6 +70,7 @@ class Config:
     bwd_chunk: int | None = None
     bwd_warps: int | None = None
     bwd_stages: int | None = None
+    save_states: bool = False
 
     def __post_init__(self):
         if self.fp32_dots not in ("tf32x3", "ieee"):
@@ -390,19 +394,27 @@ def _segment(dims: _Dims):
     return first, jnp.minimum(first + dims.cps, dims.nc)
 
 
-def _states_kernel(*refs, dims: _Dims, grads: bool):
-    """Sequential over the chunks of one segment: the carries entering every chunk.
+# State-kernel carries: name -> (walks from the left?, gate direction). h_f / h_b are the
+# forward / backward direction's states, d_f / d_b their gradients.
+_CARRY_WALKS = {"h_f": (True, "f"), "h_b": (False, "b"), "d_f": (False, "f"), "d_b": (True, "b")}
+_STATES = ("h_f", "h_b")
+_GRADS = ("d_f", "d_b")
 
-    Carries: forward state h_f (left to right), backward state h_b (right to left); with
-    ``grads`` also the gradient of the forward state dF (right to left) and of the backward
-    state dB (left to right). Per chunk it stores the segment-local carry; with segments it
-    also stores the log decays from the segment's edge and the segment's own summary.
+
+def _states_kernel(*refs, dims: _Dims, names: tuple[str, ...]):
+    """Sequential over the chunks of one segment: the carries ``names`` entering every chunk.
+
+    Left walkers (h_f, d_b) move left to right and right walkers (h_b, d_f) right to left
+    in the same loop. Per chunk it stores the segment-local carry; with segments it also
+    stores the log decays from the segment's edge and the segment's own summary.
+    Inputs: q, k, v, gf, gb and, when a gradient carry is among ``names``, do.
     """
+    grads = any(name in _GRADS for name in names)
     n_in = 6 if grads else 5
     q_ref, k_ref, v_ref, gf_ref, gb_ref = refs[:5]
     do_ref = refs[5] if grads else None
     outs = list(refs[n_in:])
-    n_carry = 4 if grads else 2
+    n_carry = len(names)
     carry_refs, outs = outs[:n_carry], outs[n_carry:]
     segmented = dims.ns > 1
     if segmented:
@@ -410,75 +422,71 @@ def _states_kernel(*refs, dims: _Dims, grads: bool):
         sum_refs, outs = outs[:n_carry], outs[n_carry:]  # per segment
         seg_log_f_ref, seg_log_b_ref = outs
     first, last = _segment(dims)
-    zero_s = jnp.zeros((dims.dk, dims.dv), jnp.float32)
-    zero_d = jnp.zeros((dims.dk,), jnp.float32)
+    states_needed = any(name in _STATES for name in names)
 
     def load(c):
-        gf = _load_chunk_rows(gf_ref, c, dims)
-        gb = _load_chunk_rows(gb_ref, c, dims)
-        k = _load_chunk_rows(k_ref, c, dims)
-        v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
-        q = _load_chunk_rows(q_ref, c, dims) if grads else None
-        do = None
+        g = _gates(_load_chunk_rows(gf_ref, c, dims), _load_chunk_rows(gb_ref, c, dims), dims)
+        k = v = q = do = None
+        if states_needed:
+            k = _load_chunk_rows(k_ref, c, dims)
+            v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
         if grads:
+            q = _load_chunk_rows(q_ref, c, dims)
             do = _load_chunk_rows(do_ref, c, dims) * (0.5 * dims.scale)
-        return q, k, v, do, _gates(gf, gb, dims)
+        return q, k, v, do, g
+
+    def step(name, x, chunk):
+        q, k, v, do, g = chunk
+        total = g.total_f if _CARRY_WALKS[name][1] == "f" else g.total_b
+        if name == "h_f":
+            new = _mm_tn(k * jnp.exp(g.kf), v, dims)
+        elif name == "h_b":
+            new = _mm_tn(k * jnp.exp(g.kb), v, dims)
+        elif name == "d_f":
+            new = _mm_tn(q * jnp.exp(g.qf), do, dims)
+        else:
+            new = _mm_tn(q * jnp.exp(g.qb), do, dims)
+        return jnp.exp(total)[:, None] * x + new, total
 
     def body(i, carry):
-        # Left-to-right carries on chunk c_l, right-to-left carries on chunk c_r.
         states, logs = carry
         c_l, c_r = first + i, last - 1 - i
-        h_f, h_b = states[0], states[1]
-        stores = [(0, c_l, h_f), (1, c_r, h_b)]
-        if grads:
-            d_f, d_b = states[2], states[3]
-            stores += [(2, c_r, d_f), (3, c_l, d_b)]
-        for idx, c, x in stores:
-            carry_refs[idx][c, :, :] = x.astype(carry_refs[idx].dtype)
-        q, k, v, do, g = load(c_l)
-        h_f = jnp.exp(g.total_f)[:, None] * h_f + _mm_tn(k * jnp.exp(g.kf), v, dims)
-        left_f, left_b = g.total_f, g.total_b
-        if grads:
-            d_b = jnp.exp(g.total_b)[:, None] * d_b + _mm_tn(q * jnp.exp(g.qb), do, dims)
-        q, k, v, do, g = load(c_r)
-        h_b = jnp.exp(g.total_b)[:, None] * h_b + _mm_tn(k * jnp.exp(g.kb), v, dims)
-        right_f, right_b = g.total_f, g.total_b
-        if grads:
-            d_f = jnp.exp(g.total_f)[:, None] * d_f + _mm_tn(q * jnp.exp(g.qf), do, dims)
-        if segmented:
-            # log decay from the segment's left edge to c_l (f) / right edge to c_r (b), etc.
-            lf_l, lb_l, lf_r, lb_r = logs
-            log_refs[0][c_l, :] = lf_l
-            log_refs[1][c_r, :] = lb_r
-            if grads:
-                log_refs[2][c_r, :] = lf_r
-                log_refs[3][c_l, :] = lb_l
-            logs = (lf_l + left_f, lb_l + left_b, lf_r + right_f, lb_r + right_b)
-        new = (h_f, h_b, d_f, d_b) if grads else (h_f, h_b)
-        return new, logs
+        chunk_of = lambda name: c_l if _CARRY_WALKS[name][0] else c_r
+        for idx, name in enumerate(names):
+            carry_refs[idx][chunk_of(name), :, :] = states[idx].astype(carry_refs[idx].dtype)
+            if segmented:  # log decay from the segment's edge to the chunk
+                log_refs[idx][chunk_of(name), :] = logs[idx]
+        left, right = load(c_l), load(c_r)
+        new_states, new_logs = [], []
+        for idx, name in enumerate(names):
+            x, total = step(name, states[idx], left if _CARRY_WALKS[name][0] else right)
+            new_states.append(x)
+            new_logs.append(logs[idx] + total)
+        return tuple(new_states), tuple(new_logs)
 
-    init = ((zero_s,) * n_carry, (zero_d,) * 4)
+    zero_s = jnp.zeros((dims.dk, dims.dv), jnp.float32)
+    zero_d = jnp.zeros((dims.dk,), jnp.float32)
+    init = ((zero_s,) * n_carry, (zero_d,) * n_carry)
     states, logs = lax.fori_loop(0, last - first, body, init)
     if segmented:
         for ref, x in zip(sum_refs, states, strict=True):
             ref[...] = x
-        seg_log_f_ref[...] = logs[0]
-        seg_log_b_ref[...] = logs[1]
+        gates = [_CARRY_WALKS[name][1] for name in names]
+        seg_log_f_ref[...] = logs[gates.index("f")]  # the segment's whole decays
+        seg_log_b_ref[...] = logs[gates.index("b")]
 
 
-def _fold_kernel(log_f_ref, log_b_ref, *refs, dims: _Dims, grads: bool):
+def _fold_kernel(log_f_ref, log_b_ref, *refs, dims: _Dims, names: tuple[str, ...]):
     """Carries entering every segment from the segment summaries (sequential over segments)."""
-    n = 4 if grads else 2
+    n = len(names)
     sum_refs, in_refs = refs[:n], refs[n:]
-    # (summary index, log decay ref, from the left?) for h_f, h_b, dF, dB.
-    plan = [(0, log_f_ref, True), (1, log_b_ref, False)]
-    if grads:
-        plan += [(2, log_f_ref, False), (3, log_b_ref, True)]
     zero = jnp.zeros((dims.dk, dims.dv), jnp.float32)
 
     def body(i, carries):
         new = []
-        for (idx, log_ref, from_left), h in zip(plan, carries, strict=True):
+        for idx, (name, h) in enumerate(zip(names, carries, strict=True)):
+            from_left, gate = _CARRY_WALKS[name]
+            log_ref = log_f_ref if gate == "f" else log_b_ref
             seg = i if from_left else dims.ns - 1 - i
             in_refs[idx][seg, :, :] = h
             new.append(jnp.exp(log_ref[seg, :])[:, None] * h + sum_refs[idx][seg, :, :])
@@ -660,15 +668,20 @@ def _params(warps: int, config: Config):
     return plt.CompilerParams(num_warps=warps, num_stages=config.num_stages)
 
 
-def _carries(args, dims: _Dims, config: Config, interpret: bool, grads: bool):
+def _carries(args, dims: _Dims, config: Config, interpret: bool, names: tuple[str, ...]):
     """Per-chunk carries (and, with segments, what adding the segments' inputs needs).
 
-    Returns (carries, seg): carries is a list of [B, H, NC_pad, Dk, Dv] arrays (h_f, h_b and
-    with grads dF, dB) in the dot dtype; seg is None or (log decays per chunk, incoming
-    carries per segment), both lists in the same order.
+    Args:
+      args: (q, k, v, gf, gb) and, for gradient carries, do.
+      names: which carries (see ``_CARRY_WALKS``), in the order they are returned.
+
+    Returns (carries, seg): carries is a list of [B, H, NC_pad, Dk, Dv] arrays in the dot
+    dtype; seg is None or (log decays per chunk, incoming carries per segment), both lists in
+    the same order.
     """
     b, _, h, _ = args[0].shape
-    n = 4 if grads else 2
+    n = len(names)
+    grads = any(name in _GRADS for name in names)
     carry = jax.ShapeDtypeStruct((b, h, dims.nc_pad, dims.dk, dims.dv), dims.dot_dtype)
     out_shape = [carry] * n
     out_specs = [_per_bh_spec(dims.nc_pad, dims.dk, dims.dv)] * n
@@ -680,7 +693,7 @@ def _carries(args, dims: _Dims, config: Config, interpret: bool, grads: bool):
         out_specs += [_per_bh_spec(dims.nc_pad, dims.dk)] * n
         out_specs += [_per_program_spec(dims.dk, dims.dv)] * n + [_per_program_spec(dims.dk)] * 2
     outs = pl.pallas_call(
-        functools.partial(_states_kernel, dims=dims, grads=grads),
+        functools.partial(_states_kernel, dims=dims, names=names),
         out_shape=out_shape,
         grid=(b, h, dims.ns),
         in_specs=[_seq_spec(dims, x.shape[-1]) for x in args],
@@ -694,7 +707,7 @@ def _carries(args, dims: _Dims, config: Config, interpret: bool, grads: bool):
         return carries, None
     logs, summaries, seg_logs = outs[n : 2 * n], outs[2 * n : 3 * n], outs[3 * n :]
     incoming = pl.pallas_call(
-        functools.partial(_fold_kernel, dims=dims, grads=grads),
+        functools.partial(_fold_kernel, dims=dims, names=names),
         out_shape=[jax.ShapeDtypeStruct(summaries[0].shape, jnp.float32)] * n,
         grid=(b, h, 1),
         in_specs=[_per_bh_spec(dims.ns_pad, dims.dk)] * 2
@@ -719,11 +732,12 @@ def _chunk_specs(carries, seg, dims: _Dims):
 
 
 def _forward(q, k, v, gf, gb, dims: _Dims, config: Config, interpret: bool):
+    """Output [B, N, H, Dv] and the state carries (carries, seg) of :func:`_carries`."""
     b, _, h, _ = q.shape
     args = (q, k, v, gf, gb)
-    carries, seg = _carries(args, dims, config, interpret, grads=False)
+    carries, seg = _carries(args, dims, config, interpret, _STATES)
     specs, arrays = _chunk_specs(carries, seg, dims)
-    return pl.pallas_call(
+    o = pl.pallas_call(
         functools.partial(_forward_kernel, dims=dims),
         out_shape=jax.ShapeDtypeStruct((b, dims.n, h, dims.dv), v.dtype),
         grid=(b, h, dims.nc),
@@ -733,12 +747,20 @@ def _forward(q, k, v, gf, gb, dims: _Dims, config: Config, interpret: bool):
         interpret=interpret,
         name="bigla_forward",
     )(*args, *arrays)
+    return o, (carries, seg)
 
 
-def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool):
+def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool, saved=None):
+    """The five gradients; ``saved``: the forward's state carries (None: recomputed)."""
     b, _, h, _ = q.shape
     args = (q, k, v, gf, gb, do)
-    carries, seg = _carries(args, dims, config, interpret, grads=True)
+    if saved is None:
+        carries, seg = _carries(args, dims, config, interpret, _STATES + _GRADS)
+    else:
+        carries, seg = _carries(args, dims, config, interpret, _GRADS)
+        carries = saved[0] + carries
+        if seg is not None:
+            seg = (saved[1][0] + seg[0], saved[1][1] + seg[1])
     specs, arrays = _chunk_specs(carries, seg, dims)
     out_shape = [
         jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -762,18 +784,25 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _bigla(q, k, v, gf, gb, dims: _Dims, config: Config, interpret: bool):
-    return _forward(q, k, v, gf, gb, dims, config, interpret)
+    return _forward(q, k, v, gf, gb, dims, config, interpret)[0]
+
+
+def _keeps_states(dims: _Dims, config: Config) -> bool:
+    """Whether the backward reuses the forward's state carries (same chunks and segments)."""
+    return config.save_states and config.backward().chunk == config.chunk
 
 
 def _bigla_fwd(q, k, v, gf, gb, dims, config, interpret):
-    return _forward(q, k, v, gf, gb, dims, config, interpret), (q, k, v, gf, gb)
+    o, saved = _forward(q, k, v, gf, gb, dims, config, interpret)
+    return o, ((q, k, v, gf, gb), saved if _keeps_states(dims, config) else None)
 
 
 def _bigla_bwd(dims, config, interpret, residuals, do):
+    inputs, saved = residuals
     config = config.backward()
-    q, _, v = residuals[:3]
-    dims = _dims(q, v, dims.scale, config, interpret)
-    return _backward(*residuals, do, dims, config, interpret)
+    if saved is None:
+        dims = _dims(inputs[0], inputs[2], dims.scale, config, interpret)
+    return _backward(*inputs, do, dims, config, interpret, saved)
 
 
 _bigla.defvjp(_bigla_fwd, _bigla_bwd)
