@@ -5,55 +5,72 @@ parameters, or "float32") this measures, on random data already on the device:
 
 * training images/s: one jitted step = forward, softmax cross-entropy, backward, AdamW update,
   with the state donated; median over timed steps after a warm-up, ``block_until_ready`` each;
-* inference images/s: the jitted forward in eval mode, same batch;
-* peak device memory, ``jax.Device.memory_stats()["peak_bytes_in_use"]`` (the whole process:
-  parameters, optimizer state, batch, activations). JAX cannot reset the peak, so every
-  (model, resolution, dtype) runs in a fresh subprocess of this script, which also isolates
-  out-of-memory failures. Inside one subprocess batches only grow, so each training peak is
-  that batch's own; an inference peak is kept only for the first batch of a subprocess;
-* FLOPs from XLA's cost analysis: of the timed executables (``compile().cost_analysis()``,
-  which does not see inside custom calls: Pallas BiGLA kernels, cuDNN attention), and of the
-  same model lowered with every op in plain XLA (BiGLA "xla", attention "xla"), which counts
-  everything and is what the figure shows (forward FLOPs per image, 2 per multiply-add).
+* inference images/s: the jitted forward in eval mode, same batch, same process;
+* peak device memory: XLA's buffer plan of the executable (``compile().memory_analysis()``:
+  arguments + outputs - donated + temporaries; on the H100 it equals the allocator's peak to
+  within 13 KB) and, where it can be attributed, the measured process peak
+  (``jax.Device.memory_stats()["peak_bytes_in_use"]``, which JAX cannot reset: a unit's measured
+  peak is kept only when the process peak rose while that unit ran, so units run in ascending
+  order of their plans);
+* FLOPs per image of the forward pass, on the host: a CPU subprocess traces every model with
+  every op in plain XLA (BiGLA "xla", attention "xla"; the Pallas and cuDNN custom calls of the
+  GPU run are opaque to XLA's cost analysis) and reports XLA's cost analysis of the lowering
+  (not compiled; 2 FLOPs per multiply-add, elementwise work included) and the multiply-adds of
+  every dot and convolution in the jaxpr (x2), the number comparable to the papers' counts.
 
-The batch is the largest of 128, 64, ..., 1 that fits: predicted from the previous resolution,
-raised inside the subprocess when the measured memory says a larger one fits, halved in a fresh
-subprocess on out-of-memory. The issue's bars are measured explicitly: ViG-T and DeiT-T in bf16
-at 224 with batch 128, and at 1024 and 2048 with batch 8. Configurations run in priority order
-(the bars, then bf16 for all models at all resolutions, then fp32 at fewer resolutions) until
-``--max-seconds`` is spent; results are written to ``--out`` after every subprocess, and
-``--resume`` skips configurations already in it. Prints a table and draws a three-panel figure
-(throughput, memory, FLOPs against resolution, log scales) with the official code's numbers
-(vig-reference.md section 13) marked.
+Where the time goes and how it is cut: per configuration the old one-subprocess-per-config
+design spent ~4 s starting JAX, 12-19 s compiling the random init, 4-13 s compiling inference
+and 17-46 s compiling the training step, against ~3 s of measuring. Now one child process runs
+many units (model, resolution, dtype, batch): per chunk of units it compiles everything first
+on ``--compile-workers`` threads (XLA compiles without the GIL; ahead of time from abstract
+shapes, so the batch is chosen by the compiled memory plan before anything runs), then times the
+units one after another with nothing else running. Parameters are initialised once per model
+and reused at every resolution (position embeddings redrawn at the new size). A persistent
+compilation cache (``--cache-dir``) makes a restarted child (after an out-of-memory) and a
+``--resume`` on the same machine reuse executables, and XLA's per-fusion autotuning results.
 
-    # H100: as much of the plan as fits in 500 s, in priority order (--list prints the plan);
-    # run again with --resume (same --out) to measure the rest:
-    python -m benchmarks.bench_resolution --max-seconds 500 \\
-        --out benchmarks/results/resolution_h100.json --png benchmarks/results/resolution_h100.png
-    # CPU smoke run (tiny resolution and batch):
-    python -m benchmarks.bench_resolution --smoke --out /tmp/res.json --png /tmp/res.png
-    # Redraw the figure and the table from a JSON file:
+Order: the issue's bars (ViG-T and DeiT-T in bf16 at 224/b128, 1024/b8, 2048/b8), then bf16 at
+all resolutions (ViG-T/DeiT-T, then ViG-S/DeiT-S), then fp32. Each configuration uses the
+largest batch of 128, 64, ..., 1 whose plan fits (``--fit-fraction`` of the device limit). Rows
+are written to ``--out`` as they arrive; ``--max-seconds`` bounds the sweep; ``--resume`` skips
+units already measured. Prints a table and draws three panels (throughput, memory, FLOPs
+against resolution) with the official code's numbers (vig-reference.md section 13) marked.
+
+    # H100, first call (bf16, all models and resolutions), then the continuation (fp32):
+    python -m benchmarks.bench_resolution --dtypes bfloat16 --max-seconds 540 \\
+        --out benchmarks/results/resolution_h100.json
+    python -m benchmarks.bench_resolution --resume --max-seconds 540 \\
+        --out benchmarks/results/resolution_h100.json
+    # FLOPs only (CPU, any machine), and the plan:
+    python -m benchmarks.bench_resolution --flops-only --out /tmp/flops.json
+    python -m benchmarks.bench_resolution --list
+    # CPU smoke run (tiny resolution and batch), and redrawing table and figure from JSON:
+    python -m benchmarks.bench_resolution --smoke --out /tmp/res.json
     python -m benchmarks.bench_resolution --plot-only --out benchmarks/results/resolution_h100.json
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import math
 import os
+import queue
 import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 MODELS = ("vig_t", "deit_t", "vig_s", "deit_s")
 RESOLUTIONS = (224, 384, 512, 768, 1024, 1536, 2048)
-FP32_RESOLUTIONS = (224, 512, 1024, 2048)
+FP32_RESOLUTIONS = RESOLUTIONS
 BATCH_CANDIDATES = (128, 64, 32, 16, 8, 4, 2, 1)
 DTYPES = ("bfloat16", "float32")
 # The issue's bars, all bf16: (model, resolution, batch).
@@ -79,49 +96,49 @@ LABELS = {"vig_t": "ViG-T", "vig_s": "ViG-S", "deit_t": "DeiT-T", "deit_s": "Dei
 COLORS = {"vig_t": "tab:red", "vig_s": "tab:orange", "deit_t": "tab:blue", "deit_s": "tab:cyan"}
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory")
 MIB = 2**20
+# First guess of the training activation bytes per token and image (bf16; the H100 plans of
+# ViG-T and DeiT-T at 224 px, batch 128, give 124 KB and 126 KB). The compiled plan corrects it.
+BYTES_PER_TOKEN = {"vig_t": 125e3, "deit_t": 126e3, "vig_s": 250e3, "deit_s": 252e3}
+DEPTH_HEADS = {"deit_t": (12, 3), "deit_s": (12, 6)}
+EXIT_RUNTIME_OOM = 3
 
 
 # --------------------------------------------------------------------------------------------
-# Child side: measure one (model, resolution, dtype) at one or more batch sizes.
+# Units of work and small helpers shared by parent and child.
 # --------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class ChildSpec:
-    """What one subprocess measures.
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One measurement: a model at one resolution and dtype, at a fixed or automatic batch.
 
     Attributes:
       model: registry name ("vig_t", ...).
       img: image side in pixels.
       dtype: "bfloat16" (compute; parameters fp32) or "float32".
-      batches: batch sizes measured in this order (ascending, so each training peak is its own).
-      auto_max: when set, after ``batches`` the largest candidate <= auto_max that the measured
-        memory predicts to fit is measured too (if larger than the last batch).
-      fit_fraction: a batch "fits" when its predicted peak is below this share of the limit.
-      bigla_impl: BiGLA implementation for ViG (None: the op's default).
-      attention_impl: attention implementation for DeiT (None: cuDNN on GPU with bf16).
-      warmup, max_steps, min_steps, measure_seconds: timing (steps stop after measure_seconds).
-      count_flops: lower the all-XLA model to count FLOPs per image.
+      batch: fixed batch (a bar), or None for the largest candidate <= ``cap`` that fits.
+      cap: the largest batch an automatic unit may use.
     """
 
     model: str
     img: int
     dtype: str
-    batches: list[int]
-    auto_max: int | None = None
-    fit_fraction: float = 0.85
-    bigla_impl: str | None = None
-    attention_impl: str | None = None
-    warmup: int = 2
-    max_steps: int = 20
-    min_steps: int = 3
-    measure_seconds: float = 2.0
-    count_flops: bool = True
+    batch: int | None = None
+    cap: int = 128
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/{self.img}/{self.dtype}/{self.batch or 'auto'}"
 
 
 def _is_oom(err: BaseException | str) -> bool:
     text = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
     return any(m in text for m in OOM_MARKERS)
+
+
+def _short(err: BaseException, limit: int = 600) -> str:
+    text = f"{type(err).__name__}: {err}"
+    return text if len(text) <= limit else text[: limit // 2] + " ... " + text[-limit // 2 :]
 
 
 def _cost(analysis: Any) -> dict[str, float]:
@@ -160,11 +177,180 @@ def _custom_calls(compiled: Any) -> list[str]:
     return sorted(set(re.findall(r'custom_call_target="([^"]+)"', text)))
 
 
-class _Measure:
-    """Builds the model, the jitted forward and train step for one spec (child process only)."""
+def tokens(img: int, model: str) -> int:
+    """Sequence length: (img/16)^2 patches, plus DeiT's class token."""
+    return (img // 16) ** 2 + (1 if model.startswith("deit") else 0)
 
-    def __init__(self, spec: ChildSpec):
-        import jax
+
+def predict_fit(
+    candidates: list[int], batch: int, peak: int, fixed: int, budget: float
+) -> int | None:
+    """Largest candidate whose peak, linear in the batch beyond ``fixed``, stays within budget.
+
+    Args:
+      candidates: batch sizes to choose from.
+      batch, peak: a measured (or planned) batch and its peak bytes.
+      fixed: bytes that do not grow with the batch (parameters, optimizer state).
+      budget: bytes a batch may use.
+
+    Returns:
+      The largest fitting candidate, or None when none fits.
+    """
+    per_image = max(peak - fixed, 1) / batch
+    fitting = [b for b in candidates if fixed + b * per_image <= budget]
+    return max(fitting) if fitting else None
+
+
+def choose_batch(
+    plan_of: Callable[[int], int],
+    start: int,
+    candidates: list[int],
+    fixed: int,
+    budget: float,
+) -> tuple[int | None, dict[int, int]]:
+    """The largest candidate whose compiled memory plan fits, with few compilations.
+
+    Compiles ``start``; from its plan (linear in the batch beyond ``fixed``) jumps to the
+    largest candidate predicted to fit, up or down, until the prediction is confirmed.
+
+    Args:
+      plan_of: batch -> planned bytes (compiles; the caller caches).
+      start: the first batch to compile.
+      candidates: allowed batches.
+      fixed: batch-independent bytes (state).
+      budget: bytes a batch may use.
+
+    Returns:
+      (the largest tried candidate that fits, or None; {batch: planned bytes} of every try).
+    """
+    tried: dict[int, int] = {}
+    batch = start
+    while batch is not None and batch not in tried:
+        plan = tried[batch] = plan_of(batch)
+        fits = [b for b, p in tried.items() if p <= budget]
+        too_big = min((b for b, p in tried.items() if p > budget), default=math.inf)
+        lo = max(fits, default=0)
+        # Only candidates between the largest known fit and the smallest known misfit are open.
+        open_ = [b for b in candidates if lo < b < too_big and b not in tried]
+        if plan <= budget:
+            batch = predict_fit([b for b in open_ if b > batch], batch, plan, fixed, budget)
+        else:
+            below = [b for b in open_ if b < batch]
+            guess = predict_fit(below, batch, plan, fixed, budget)
+            batch = guess if guess is not None else (min(below) if below else None)
+            if batch is not None and lo and batch < lo:
+                batch = None
+    fits = [b for b, p in tried.items() if p <= budget]
+    return (max(fits) if fits else None), tried
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs on the host (CPU): all-XLA lowering, XLA cost analysis and dot/conv count.
+# --------------------------------------------------------------------------------------------
+
+
+def matmul_flops(jaxpr: Any) -> float:
+    """2 x the multiply-adds of every dot_general and convolution in a jaxpr.
+
+    Sub-jaxprs are walked (``scan`` bodies times their length; the largest ``cond`` branch;
+    ``while`` bodies once).
+
+    Args:
+      jaxpr: a ``Jaxpr`` or ``ClosedJaxpr``.
+
+    Returns:
+      FLOPs (2 per multiply-add).
+    """
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            k = math.prod(lhs[i] for i in contract)
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * k
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) / out_features
+        subs = [_as_jaxpr(v) for v in eqn.params.values()]
+        subs = [s for s in subs if s is not None]
+        if name == "cond":
+            branches = eqn.params["branches"]
+            total += max(matmul_flops(b) for b in branches)
+            continue
+        times = eqn.params.get("length", 1) if name == "scan" else 1
+        total += times * sum(matmul_flops(s) for s in subs)
+    return total
+
+
+def _as_jaxpr(value: Any) -> Any:
+    """``value`` if it is a (closed) jaxpr, else None."""
+    if hasattr(value, "eqns"):
+        return value
+    if hasattr(value, "jaxpr") and hasattr(value, "consts"):
+        return value.jaxpr
+    return None
+
+
+def count_flops(model: str, img: int) -> dict[str, Any]:
+    """Forward FLOPs per image of ``model`` at ``img`` px, every op in plain XLA.
+
+    Traced and lowered at batch 1 from abstract shapes (nothing is allocated or compiled), so
+    it is cheap at any resolution. Run it on the CPU backend: GPU lowerings give no cost
+    analysis.
+
+    Args:
+      model: registry name.
+      img: image side in pixels.
+
+    Returns:
+      {"model", "img_size", "fwd_flops_per_image_xla_form": XLA's cost analysis (2 per
+      multiply-add, elementwise ops included), "fwd_matmul_flops_per_image": 2 x multiply-adds
+      of dots and convolutions}.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    m = _Model(model, img, "float32", bigla_impl="xla", attention_impl="xla")
+    _, graphdef_eval, params, rest = m.graphdefs()
+    images = jax.ShapeDtypeStruct((1, img, img, 3), jnp.float32)
+    traced = jax.jit(m.forward_fn(graphdef_eval)).trace(params, rest, images)
+    return {
+        "model": model,
+        "img_size": img,
+        "fwd_flops_per_image_xla_form": _cost(traced.lower().cost_analysis())["flops"],
+        "fwd_matmul_flops_per_image": matmul_flops(traced.jaxpr),
+    }
+
+
+def flops_child(points: list[list[Any]]) -> None:
+    """Prints one ``FLOPS {json}`` line per (model, img) (child process, CPU backend)."""
+    for model, img in points:
+        try:
+            row = count_flops(model, int(img))
+        except Exception as err:  # noqa: BLE001 - reported, the sweep goes on.
+            row = {"model": model, "img_size": int(img), "flops_error": _short(err)}
+        print("FLOPS " + json.dumps(row), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Child side: compile a chunk of units in parallel, then time them one by one.
+# --------------------------------------------------------------------------------------------
+
+
+class _Model:
+    """One model at one resolution and dtype: abstract graph, forward and train step."""
+
+    def __init__(
+        self,
+        model: str,
+        img: int,
+        dtype: str,
+        bigla_impl: str | None = None,
+        attention_impl: str | None = None,
+    ):
         import jax.numpy as jnp
         import optax
         from flax import nnx
@@ -172,45 +358,49 @@ class _Measure:
         from pallas_kernels.bigla import api as bigla_api
         from vig_jax import create_model, deit
 
-        if spec.dtype not in DTYPES:
-            raise ValueError(f"dtype={spec.dtype!r}; expected one of {DTYPES}")
-        self.jax, self.jnp, self.nnx, self.optax = jax, jnp, nnx, optax
-        self.spec = spec
-        self.compute_dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
-        self.is_vig = spec.model.startswith("vig")
-        if self.is_vig:
-            self.impl = spec.bigla_impl or bigla_api.default_implementation()
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}; expected one of {DTYPES}")
+        self.model, self.img, self.dtype = model, img, dtype
+        self.jnp, self.nnx, self.optax = jnp, nnx, optax
+        self.compute_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+        if model.startswith("vig"):
+            self.impl = bigla_impl or bigla_api.default_implementation()
         else:
-            self.impl = spec.attention_impl or deit.default_attention_implementation(
-                self.compute_dtype
-            )
-        self.bigla_default = bigla_api.default_implementation()
+            self.impl = attention_impl or deit.default_attention_implementation(self.compute_dtype)
         self.create_model = create_model
         self.tx = optax.adamw(1e-3, weight_decay=0.05)
-        self._init = None
-        self._graphdefs = None
 
-    def build(self, implementation: str):
+    def build(self):
         """A fresh model [B, img, img, 3] -> [B, 1000] logits, in train mode."""
         return self.create_model(
-            self.spec.model,
+            self.model,
             num_classes=1000,
-            img_size=self.spec.img,
+            img_size=self.img,
             dtype=self.compute_dtype,
             param_dtype=self.jnp.float32,
-            implementation=implementation,
+            implementation=self.impl,
             rngs=self.nnx.Rngs(0),
         )
 
-    def graphdefs(self, implementation: str):
+    def graphdefs(self):
         """(train graphdef, eval graphdef, abstract params, abstract rest) without allocating."""
         nnx = self.nnx
-        abstract = nnx.eval_shape(lambda: self.build(implementation))
+        abstract = nnx.eval_shape(self.build)
         abstract.train()
         graphdef_train, params, rest = nnx.split(abstract, nnx.Param, ...)
         abstract.eval()
         graphdef_eval = nnx.graphdef(abstract)
         return graphdef_train, graphdef_eval, params, rest
+
+    def init_fn(self):
+        nnx = self.nnx
+
+        def init():
+            """() -> (params, rest) of a freshly initialised model."""
+            _, params, rest = nnx.split(self.build(), nnx.Param, ...)
+            return params, rest
+
+        return init
 
     def forward_fn(self, graphdef_eval):
         nnx = self.nnx
@@ -222,6 +412,8 @@ class _Measure:
         return forward
 
     def train_step_fn(self, graphdef_train):
+        import jax
+
         nnx, optax, tx = self.nnx, self.optax, self.tx
 
         def train_step(state, images, labels):
@@ -234,223 +426,386 @@ class _Measure:
                 loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
                 return loss, nnx.split(model, nnx.Param, ...)[2]
 
-            (loss, new_rest), grads = self.jax.value_and_grad(loss_fn, has_aux=True)(params)
+            (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             return (params, opt_state, new_rest), loss
 
         return train_step
 
-    def flops_per_image(self) -> dict[str, float]:
-        """Forward FLOPs per image of the all-XLA model (lowered at batch 1, not compiled)."""
-        jax, jnp = self.jax, self.jnp
-        _, graphdef_eval, params, rest = self.graphdefs("xla")
-        images = jax.ShapeDtypeStruct((1, self.spec.img, self.spec.img, 3), jnp.float32)
-        fwd = jax.jit(self.forward_fn(graphdef_eval)).lower(params, rest, images)
-        return {"fwd_flops_per_image_xla_form": _cost(fwd.cost_analysis())["flops"]}
+    def prep_fn(self, batch: int):
+        import jax
 
-    def memory(self) -> dict[str, int]:
-        return dict(self.jax.local_devices()[0].memory_stats() or {})
+        jnp, tx, img = self.jnp, self.tx, self.img
 
-    def timed(self, call, n_warmup: int) -> list[float]:
-        """Runs ``call()`` (which blocks) n_warmup times, then times it; seconds per call."""
-        spec = self.spec
-        for _ in range(n_warmup):
+        def prep(params):
+            """params -> (AdamW state, images [B, img, img, 3] N(0, 1), labels [B])."""
+            key_img, key_lbl = jax.random.split(jax.random.key(1))
+            images = jax.random.normal(key_img, (batch, img, img, 3), jnp.float32)
+            labels = jax.random.randint(key_lbl, (batch,), 0, 1000)
+            return tx.init(params), images, labels
+
+        return prep
+
+
+@dataclasses.dataclass
+class ChildConfig:
+    """What one child process does: chunks of units, compiled per chunk, then timed."""
+
+    chunks: list[list[dict[str, Any]]]
+    fit_fraction: float = 0.9
+    bigla_impl: str | None = None
+    attention_impl: str | None = None
+    warmup: int = 2
+    max_steps: int = 20
+    min_steps: int = 3
+    measure_seconds: float = 1.0
+    compile_workers: int = 8
+    cache_dir: str | None = None
+    deadline: float = math.inf  # time.time() after which nothing new starts
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """A unit compiled and ready to time."""
+
+    index: int
+    unit: Unit
+    model: _Model
+    batch: int
+    train: Any
+    infer: Any
+    prep: Any
+    abstract_params: Any
+    info: dict[str, Any]
+
+
+class _Child:
+    """Compiles units on a thread pool and times them on the main thread."""
+
+    def __init__(self, cfg: ChildConfig):
+        import jax
+        import numpy as np
+
+        self.jax, self.np, self.cfg = jax, np, cfg
+        device = jax.local_devices()[0]
+        stats = device.memory_stats() or {}
+        self.limit = stats.get("bytes_limit")
+        self.lock = threading.Lock()
+        self.host_state: dict[str, concurrent.futures.Future] = {}  # model -> (params, rest)
+
+    # ---- compile phase (worker threads) ----------------------------------------------------
+    def start_batch(self, unit: Unit, fixed: int) -> int:
+        """First batch to compile: from a per-token estimate (quadratic for XLA attention)."""
+        cands = [b for b in BATCH_CANDIDATES if b <= unit.cap]
+        if unit.batch is not None:
+            return unit.batch
+        if not self.limit:
+            return cands[0]
+        per_image = BYTES_PER_TOKEN.get(unit.model, 250e3) * tokens(unit.img, unit.model)
+        if unit.dtype == "float32":
+            per_image *= 2
+            if unit.model in DEPTH_HEADS and self.cfg.attention_impl != "cudnn":
+                depth, heads = DEPTH_HEADS[unit.model]
+                per_image += 3 * 4 * depth * heads * tokens(unit.img, unit.model) ** 2
+        budget = self.cfg.fit_fraction * self.limit
+        fit = [b for b in cands if fixed + b * per_image <= budget]
+        return max(fit) if fit else cands[-1]
+
+    def host_init(self, m: _Model):
+        """(params, rest) of ``m.model`` on the host, initialised once per model."""
+        with self.lock:
+            fut = self.host_state.get(m.model)
+            owner = fut is None
+            if owner:
+                fut = self.host_state[m.model] = concurrent.futures.Future()
+        if owner:
+            try:
+                params, rest = self.jax.jit(m.init_fn())()
+                fut.set_result((self.jax.device_get(params), _host_rest(rest)))
+            except Exception as err:  # noqa: BLE001 - re-raised in every waiting unit.
+                fut.set_exception(err)
+        return fut.result()
+
+    def prepare(self, index: int, unit: Unit) -> _Prepared:
+        """Lowers and compiles the train step (at the chosen batch), the forward and the
+        state/data preparation of ``unit``; initialises the model's parameters once."""
+        jax, jnp = self.jax, self.jax.numpy
+        t0 = time.perf_counter()
+        m = _Model(unit.model, unit.img, unit.dtype, self.cfg.bigla_impl, self.cfg.attention_impl)
+        graphdef_train, graphdef_eval, params, rest = m.graphdefs()
+        opt = jax.eval_shape(m.tx.init, params)
+        state = (params, opt, rest)
+        fixed = int(sum(x.size * _itemsize(x.dtype) for x in jax.tree.leaves(state)))
+        step = jax.jit(m.train_step_fn(graphdef_train), donate_argnums=0)
+        compiled: dict[int, Any] = {}
+
+        def images(b):
+            return jax.ShapeDtypeStruct((b, unit.img, unit.img, 3), jnp.float32)
+
+        def plan_of(b: int) -> int:
+            labels = jax.ShapeDtypeStruct((b,), jnp.int32)
+            compiled[b] = step.lower(state, images(b), labels).compile()
+            plan = _planned_bytes(compiled[b])
+            return plan if plan is not None else 0
+
+        start = self.start_batch(unit, fixed)
+        info: dict[str, Any] = {"state_bytes": fixed, "bytes_limit": self.limit}
+        if unit.batch is not None or not self.limit:
+            plan = plan_of(start)
+            tried = {start: plan}
+            fits = not self.limit or plan <= self.limit
+            batch = start if fits else None
+        else:
+            cands = [b for b in BATCH_CANDIDATES if b <= unit.cap]
+            batch, tried = choose_batch(
+                plan_of, start, cands, fixed, self.cfg.fit_fraction * self.limit
+            )
+        info["batch_tries"] = {str(b): p for b, p in tried.items()}
+        info["compile_train_s"] = time.perf_counter() - t0
+        if batch is None:
+            b = min(tried)
+            raise MemoryError(
+                f"Out of memory (XLA buffer plan): batch {b} plans {tried[b] / MIB:.0f} MiB, "
+                f"device limit {self.limit / MIB:.0f} MiB"
+            )
+        train = compiled[batch]
+        info["xla_train_bytes"] = tried[batch]
+        info["train_flops_xla_compiled"] = _cost(train.cost_analysis())["flops"]
+        t1 = time.perf_counter()
+        infer = jax.jit(m.forward_fn(graphdef_eval)).lower(params, rest, images(batch)).compile()
+        prep = jax.jit(m.prep_fn(batch)).lower(params).compile()
+        info["compile_infer_s"] = time.perf_counter() - t1
+        info["xla_infer_bytes"] = _planned_bytes(infer)
+        info["custom_calls"] = sorted(set(_custom_calls(infer)) | set(_custom_calls(train)))
+        t2 = time.perf_counter()
+        self.host_init(m)
+        info["init_s"] = time.perf_counter() - t2
+        info["prepare_s"] = time.perf_counter() - t0
+        return _Prepared(index, unit, m, batch, train, infer, prep, params, info)
+
+    # ---- timing phase (main thread) --------------------------------------------------------
+    def device_state(self, p: _Prepared):
+        """(params, rest) on the device: the model's host init, pos-embeddings redrawn."""
+        params, rest = self.host_init(p.model)
+        params = reuse_params(p.abstract_params, params)
+        return self.jax.device_put(params), _device_rest(rest)
+
+    def peak(self) -> int | None:
+        return (self.jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+
+    def timed(self, call: Callable[[], Any]) -> list[float]:
+        """Runs ``call()`` (which blocks) warmup times, then times it; seconds per call."""
+        cfg = self.cfg
+        for _ in range(cfg.warmup):
             call()
         times: list[float] = []
         t_start = time.perf_counter()
-        while len(times) < spec.max_steps:
+        while len(times) < cfg.max_steps:
             t0 = time.perf_counter()
             call()
             times.append(time.perf_counter() - t0)
-            if (
-                len(times) >= spec.min_steps
-                and time.perf_counter() - t_start > spec.measure_seconds
-            ):
+            if len(times) >= cfg.min_steps and time.perf_counter() - t_start > cfg.measure_seconds:
                 break
         return times
 
-    def run_batch(self, batch: int, first_in_process: bool) -> dict[str, Any]:
-        """Measures inference then training at ``batch``; returns one result row."""
-        jax, jnp, spec = self.jax, self.jnp, self.spec
-        row: dict[str, Any] = {"batch": batch, "implementation": self.impl}
+    def time_unit(self, p: _Prepared) -> dict[str, Any]:
+        """Measures inference then training of a prepared unit; returns its result row."""
+        jax = self.jax
+        row: dict[str, Any] = {"batch": p.batch, "implementation": p.model.impl, **p.info}
         t0 = time.perf_counter()
-        if self._init is None:  # once per process: later batches reuse graphs and executables
-            self._graphdefs = self.graphdefs(self.impl)
-
-            def init():
-                _, params, rest = self.nnx.split(self.build(self.impl), self.nnx.Param, ...)
-                return params, rest
-
-            self._init = jax.jit(init)
-        graphdef_train, graphdef_eval, _, _ = self._graphdefs
-        params, rest = self._init()
-        key_img, key_lbl = jax.random.split(jax.random.key(1))
-        images = jax.random.normal(key_img, (batch, spec.img, spec.img, 3), jnp.float32)
-        labels = jax.random.randint(key_lbl, (batch,), 0, 1000)
-        jax.block_until_ready((params, rest, images, labels))
-        row["init_s"] = time.perf_counter() - t0
-
-        # Inference first: its peak is its own when it is the first thing this process runs.
-        t0 = time.perf_counter()
-        infer = jax.jit(self.forward_fn(graphdef_eval)).lower(params, rest, images).compile()
-        row["compile_infer_s"] = time.perf_counter() - t0
-        row["infer_flops"] = _cost(infer.cost_analysis())["flops"]
-        row["xla_infer_bytes"] = _planned_bytes(infer)
-        row["custom_calls"] = _custom_calls(infer)
-        times = self.timed(lambda: jax.block_until_ready(infer(params, rest, images)), spec.warmup)
+        peak0 = self.peak()
+        params, rest = self.device_state(p)
+        opt_state, images, labels = p.prep(params)
+        jax.block_until_ready((params, rest, opt_state, images, labels))
+        row["state_s"] = time.perf_counter() - t0
+        times = self.timed(lambda: jax.block_until_ready(p.infer(params, rest, images)))
         row["infer_ms"] = 1e3 * statistics.median(times)
-        row["infer_img_s"] = batch / statistics.median(times)
-        stats = self.memory()
-        row["bytes_limit"] = stats.get("bytes_limit")
-        row["peak_infer_bytes"] = stats.get("peak_bytes_in_use") if first_in_process else None
-
-        # Training.
-        opt_state = jax.jit(self.tx.init)(params)
-        state = (params, opt_state, rest)
-        row["state_bytes"] = int(sum(x.nbytes for x in jax.tree.leaves(state)))
-        t0 = time.perf_counter()
-        step = jax.jit(self.train_step_fn(graphdef_train), donate_argnums=0)
-        compiled = step.lower(state, images, labels).compile()
-        row["compile_train_s"] = time.perf_counter() - t0
-        row["train_flops"] = _cost(compiled.cost_analysis())["flops"]
-        row["xla_train_bytes"] = _planned_bytes(compiled)
-        row["custom_calls"] = sorted(set(row["custom_calls"]) | set(_custom_calls(compiled)))
-        holder = {"state": state}
-        state = params = opt_state = rest = None  # the donated buffers live only in holder
+        row["infer_img_s"] = p.batch / statistics.median(times)
+        peak1 = self.peak()
+        holder: dict[str, Any] = {"state": (params, opt_state, rest)}
+        params = opt_state = rest = None  # the donated buffers live only in holder
 
         def one_step():
-            holder["state"], holder["loss"] = compiled(holder["state"], images, labels)
+            holder["state"], holder["loss"] = p.train(holder["state"], images, labels)
             jax.block_until_ready(holder["loss"])
 
-        times = self.timed(one_step, spec.warmup)
+        times = self.timed(one_step)
+        peak2 = self.peak()
         row["train_ms"] = 1e3 * statistics.median(times)
         row["train_ms_min"] = 1e3 * min(times)
         row["train_steps_timed"] = len(times)
-        row["train_img_s"] = batch / statistics.median(times)
+        row["train_img_s"] = p.batch / statistics.median(times)
         row["loss"] = float(holder["loss"])
-        row["peak_train_bytes"] = self.memory().get("peak_bytes_in_use")
+        # A measured peak belongs to this unit only if the process peak rose while it ran.
+        row["peak_infer_bytes"] = peak1 if peak0 is not None and peak1 > peak0 else None
+        row["peak_train_bytes"] = peak2 if peak1 is not None and peak2 > peak1 else None
+        for x in jax.tree.leaves((holder["state"], images, labels)):
+            try:
+                x.delete()
+            except Exception:  # noqa: BLE001 - already deleted or not deletable: freed by GC.
+                pass
         holder.clear()
+        row["time_s"] = time.perf_counter() - t0
         return row
 
 
-def predict_fit(
-    candidates: list[int], batch: int, peak: int, fixed: int, limit: int, fraction: float
-) -> int | None:
-    """Largest candidate whose peak, linear in the batch beyond ``fixed``, stays under the limit.
+def reuse_params(abstract: Any, host: Any, seed: int = 0) -> Any:
+    """Parameters for a model at another resolution from ones initialised at the first.
+
+    Only position embeddings depend on the resolution; a leaf whose shape differs is redrawn
+    from a normal(0, 0.02) truncated at 2 sigma (the models' position-embedding init).
 
     Args:
-      candidates: batch sizes to choose from.
-      batch, peak: a measured batch and its peak bytes.
-      fixed: bytes that do not grow with the batch (parameters, optimizer state).
-      limit, fraction: the allocator's limit and the share of it a batch may use.
+      abstract: the model's parameters at the new resolution (ShapeDtypeStruct leaves).
+      host: parameters of the same model (same tree) at another resolution (NumPy leaves).
+      seed: NumPy seed of the redrawn leaves.
 
     Returns:
-      The largest fitting candidate, or None when none fits.
+      ``abstract``'s tree with NumPy leaves of its shapes and dtypes.
     """
-    per_image = max(peak - fixed, 1) / batch
-    fitting = [b for b in candidates if fixed + b * per_image <= fraction * limit]
-    return max(fitting) if fitting else None
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def fill(a, h):
+        if h.shape == a.shape:
+            return h
+        return (np.clip(rng.standard_normal(a.shape), -2.0, 2.0) * 0.02).astype(a.dtype)
+
+    return jax.tree.map(fill, abstract, host)
 
 
-def child_main(spec: ChildSpec) -> None:
-    """Measures ``spec`` and prints one ``RESULT {json}`` line per batch (then exits)."""
-    t_start = time.perf_counter()
+def _itemsize(dtype: Any) -> int:
+    """Bytes per element (PRNG key arrays: their key data)."""
+    try:
+        return dtype.itemsize
+    except Exception:  # noqa: BLE001 - extended dtypes without an itemsize.
+        return 8
+
+
+def _host_rest(rest: Any) -> Any:
+    """Non-parameter state on the host; PRNG keys as (key data, implementation)."""
+    import jax
+
+    def get(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return ("key", jax.device_get(jax.random.key_data(x)), jax.random.key_impl(x))
+        return jax.device_get(x)
+
+    return jax.tree.map(get, rest)
+
+
+def _device_rest(rest: Any) -> Any:
+    """Inverse of :func:`_host_rest`, on the default device."""
+    import jax
+
+    def put(x):
+        if isinstance(x, tuple) and len(x) == 3 and x[0] == "key":
+            return jax.random.wrap_key_data(jax.device_put(x[1]), impl=x[2])
+        return jax.device_put(x)
+
+    return jax.tree.map(put, rest, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _setup_jax(cache_dir: str | None) -> None:
+    """Persistent compilation cache (executables and XLA's autotuning results)."""
+    import jax
+
+    if cache_dir:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def child_main(cfg: ChildConfig) -> None:
+    """Runs ``cfg`` and prints ``CHUNK``/``START``/``RESULT {json}`` lines; exits with
+    :data:`EXIT_RUNTIME_OOM` after an out-of-memory while running (the parent restarts)."""
+    _setup_jax(cfg.cache_dir)
     import flax
     import jax
 
     base = {
-        "model": spec.model,
-        "img_size": spec.img,
-        "dtype": spec.dtype,
         "device": jax.devices()[0].device_kind,
         "backend": jax.default_backend(),
         "jax": jax.__version__,
         "flax": flax.__version__,
     }
+    from pallas_kernels.bigla import api as bigla_api
 
-    def emit(row: dict[str, Any]) -> None:
-        print("RESULT " + json.dumps({**base, **row}), flush=True)
+    base["bigla_default_implementation"] = bigla_api.default_implementation()
+    child = _Child(cfg)
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, cfg.compile_workers))
 
-    try:
-        measure = _Measure(spec)
-        base["bigla_default_implementation"] = measure.bigla_default
-    except Exception as err:  # noqa: BLE001 - reported to the parent as a row.
-        emit({"batch": spec.batches[0], "status": "error", "error": _short(err)})
-        return
-    if spec.count_flops:
-        try:
-            base.update(measure.flops_per_image())
-        except Exception as err:  # noqa: BLE001 - FLOPs are optional; speed and memory are not.
-            base["flops_error"] = _short(err)
+    def emit(index: int, unit: Unit, row: dict[str, Any]) -> None:
+        out = {**base, "unit": index, **dataclasses.asdict(unit), **row}
+        out["img_size"] = out.pop("img")
+        out["auto"] = unit.batch is None
+        print("RESULT " + json.dumps(out), flush=True)
 
-    batches = list(spec.batches)
-    i, last_ok = 0, None
-    while i < len(batches):
-        batch = batches[i]
-        print(f"START {batch}", flush=True)  # the parent blames this batch if the process dies
+    index = 0
+    for c, chunk in enumerate(cfg.chunks):
+        units = [(index + i, Unit(**u)) for i, u in enumerate(chunk)]
+        index += len(chunk)
+        if time.time() > cfg.deadline:
+            for i, u in units:
+                emit(i, u, {"batch": u.batch or 0, "status": "skipped", "error": "deadline"})
+            continue
+        print(f"CHUNK {c}", flush=True)
         t0 = time.perf_counter()
+        futures = {pool.submit(child.prepare, i, u): (i, u) for i, u in units}
+        ready: list[_Prepared] = []
         try:
-            row = measure.run_batch(batch, first_in_process=i == 0)
-            row["status"] = "ok"
-            last_ok = row
-        except Exception as err:  # noqa: BLE001 - OOM or other failure ends this process.
-            row = {"batch": batch, "status": "oom" if _is_oom(err) else "error"}
-            row["error"] = _short(err)
-        row["batch_wall_s"] = time.perf_counter() - t0
-        row["process_s"] = time.perf_counter() - t_start
-        emit(row)
-        if row["status"] != "ok":
-            return
-        i += 1
-        if i == len(batches):
-            target = next_auto_batch(last_ok, spec.auto_max, spec.fit_fraction)
-            if target:
-                batches.append(target)
-
-
-def next_auto_batch(
-    last_ok: dict[str, Any] | None, auto_max: int | None, fit_fraction: float
-) -> int | None:
-    """The larger batch a subprocess measures after its list: the largest candidate in
-    (last measured, auto_max] predicted (from the last measurement) to fit, or None."""
-    if not auto_max or not last_ok or not last_ok.get("bytes_limit"):
-        return None
-    if not last_ok.get("peak_train_bytes"):
-        return None
-    cands = [b for b in BATCH_CANDIDATES if last_ok["batch"] < b <= auto_max]
-    return predict_fit(
-        cands,
-        last_ok["batch"],
-        last_ok["peak_train_bytes"],
-        last_ok["state_bytes"],
-        last_ok["bytes_limit"],
-        fit_fraction,
-    )
-
-
-def _short(err: BaseException, limit: int = 600) -> str:
-    text = f"{type(err).__name__}: {err}"
-    return text if len(text) <= limit else text[: limit // 2] + " ... " + text[-limit // 2 :]
+            for fut in concurrent.futures.as_completed(futures, cfg.deadline - time.time()):
+                i, u = futures[fut]
+                try:
+                    ready.append(fut.result())
+                except Exception as err:  # noqa: BLE001 - a row per failed unit.
+                    status = "oom" if _is_oom(err) else "error"
+                    emit(i, u, {"batch": u.batch or 0, "status": status, "error": _short(err)})
+        except concurrent.futures.TimeoutError:
+            for p in ready:
+                emit(p.index, p.unit, {"batch": p.batch, "status": "skipped", "error": "deadline"})
+            for fut, (i, u) in futures.items():
+                if not fut.done():
+                    emit(i, u, {"batch": u.batch or 0, "status": "skipped", "error": "deadline"})
+            print(f"compile phase of chunk {c} hit the deadline", flush=True)
+            sys.stdout.flush()
+            os._exit(0)  # compile threads cannot be interrupted
+        compile_s = time.perf_counter() - t0
+        # Ascending plans: the process peak then rises with (almost) every unit.
+        ready.sort(key=lambda p: p.info.get("xla_train_bytes") or 0)
+        for p in ready:
+            if time.time() + 3 * cfg.measure_seconds + 5 > cfg.deadline:
+                emit(p.index, p.unit, {"batch": p.batch, "status": "skipped", "error": "deadline"})
+                continue
+            print(f"START {p.index}", flush=True)
+            try:
+                row = child.time_unit(p)
+                row["status"] = "ok"
+                row["chunk_compile_s"] = compile_s
+            except Exception as err:  # noqa: BLE001 - OOM or other failure ends this process.
+                row = {"batch": p.batch, "status": "oom" if _is_oom(err) else "error"}
+                row["error"] = _short(err)
+                emit(p.index, p.unit, row)
+                if row["status"] == "oom":
+                    sys.stdout.flush()
+                    os._exit(EXIT_RUNTIME_OOM)
+                continue
+            emit(p.index, p.unit, row)
+    sys.stdout.flush()
+    os._exit(0)  # do not wait for XLA's thread pools to wind down
 
 
 # --------------------------------------------------------------------------------------------
-# Parent side: plan, run subprocesses within the time budget, collect rows.
+# Parent side: plan, run children within the time budget, collect rows.
 # --------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Point:
-    """One (model, resolution, dtype) of the study, with the batches it must measure."""
-
-    model: str
-    img: int
-    dtype: str
-    forced: tuple[int, ...] = ()
-
-
-def plan_points(args: argparse.Namespace) -> list[Point]:
-    """The study in priority order: bars, bf16 everywhere, then fp32 at fewer resolutions."""
+def plan_units(args: argparse.Namespace) -> list[list[Unit]]:
+    """The study in chunks, in priority order: the bars; bf16 for the tiny models, then the
+    small ones (ascending resolution); fp32 likewise. Chunks hold at most ``--chunk-size``."""
     models = [m for m in args.models.split(",") if m]
     resolutions = [int(r) for r in args.resolutions.split(",") if r]
     fp32_res = [int(r) for r in args.fp32_resolutions.split(",") if r]
@@ -461,35 +816,46 @@ def plan_points(args: argparse.Namespace) -> list[Point]:
     for d in dtypes:
         if d not in DTYPES:
             raise ValueError(f"dtype {d!r}; expected some of {DTYPES}")
-    forced: dict[tuple[str, int, str], set[int]] = {}
-    order: list[tuple[str, int, str]] = []
-
-    def add(model: str, img: int, dtype: str, batch: int | None = None) -> None:
-        key = (model, img, dtype)
-        if key not in forced:
-            forced[key] = set()
-            order.append(key)
-        if batch is not None:
-            forced[key].add(batch)
-
+    cap = args.max_batch
+    bars: list[Unit] = []
     if not args.no_bars and "bfloat16" in dtypes:
         for model, img, batch in BARS:
-            if model in models and img in resolutions:
-                add(model, img, "bfloat16", batch)
+            if model in models and img in resolutions and batch <= cap:
+                bars.append(Unit(model, img, "bfloat16", batch, cap))
+    # An automatic unit whose cap is a bar's batch is that bar.
+    covered = {(u.model, u.img, u.dtype) for u in bars if u.batch == cap}
+    rest: list[Unit] = []
     for dtype in dtypes:
         res = resolutions if dtype == "bfloat16" else [r for r in resolutions if r in fp32_res]
-        # Tiny models first at every resolution (the headline pair), then the small ones.
         groups = [[m for m in models if m.endswith("_t")], [m for m in models if m.endswith("_s")]]
         groups.append([m for m in models if not m.endswith(("_t", "_s"))])
         for group in groups:
             for img in res:
                 for model in group:
-                    add(model, img, dtype)
-    return [Point(m, i, d, tuple(sorted(forced[(m, i, d)]))) for m, i, d in order]
+                    if (model, img, dtype) not in covered:
+                        rest.append(Unit(model, img, dtype, None, cap))
+    chunks = [bars] if bars else []
+    size = max(1, args.chunk_size)
+    chunks += [rest[i : i + size] for i in range(0, len(rest), size)]
+    return chunks
+
+
+def _unit_done(rows: list[dict[str, Any]], unit: Unit) -> bool:
+    """True when ``rows`` hold an ok/oom result of ``unit`` (for --resume)."""
+    for r in rows:
+        if (r["model"], r["img_size"], r["dtype"]) != (unit.model, unit.img, unit.dtype):
+            continue
+        if r.get("status") not in ("ok", "oom"):
+            continue
+        if unit.batch is None and r.get("auto"):
+            return True
+        if unit.batch is not None and r.get("batch") == unit.batch and not r.get("auto"):
+            return True
+    return False
 
 
 class Runner:
-    """Runs points in subprocesses within a deadline and keeps every result row."""
+    """Runs the plan in child processes within a deadline and keeps every result row."""
 
     def __init__(self, args: argparse.Namespace, rows: list[dict[str, Any]], clock=time.monotonic):
         self.args = args
@@ -497,174 +863,138 @@ class Runner:
         self.clock = clock
         self.start = self.clock()
         self.deadline = self.start + args.max_seconds
-        self.durations: list[float] = []
-        self.dead: dict[tuple[str, str], int] = {}  # (model, dtype) -> img where batch 1 OOMed
-        self.candidates = [b for b in BATCH_CANDIDATES if b <= args.max_batch]
-
-    # ---- bookkeeping -----------------------------------------------------------------------
-    def ok_rows(self, model: str, dtype: str, img: int | None = None) -> list[dict[str, Any]]:
-        return [
-            r
-            for r in self.rows
-            if r.get("status") == "ok"
-            and r["model"] == model
-            and r["dtype"] == dtype
-            and (img is None or r["img_size"] == img)
-        ]
-
-    def predict_start(self, point: Point) -> int:
-        """First batch to try: scaled from the largest smaller resolution measured, else the
-        largest candidate."""
-        prev = [
-            r
-            for r in self.ok_rows(point.model, point.dtype)
-            if r["img_size"] < point.img and r.get("peak_train_bytes") and r.get("bytes_limit")
-        ]
-        if not prev:
-            return self.candidates[0]
-        ref = max(prev, key=lambda r: (r["img_size"], r["batch"]))
-        fixed = ref["state_bytes"]
-        growth = (point.img / ref["img_size"]) ** 2
-        if ref.get("implementation") == "xla" and point.model.startswith("deit"):
-            growth = growth**2  # XLA attention keeps the N x N scores: memory grows as N^2.
-        per_image = max(ref["peak_train_bytes"] - fixed, 1) / ref["batch"] * growth
-        budget = self.args.fit_fraction * ref["bytes_limit"]
-        fit = [b for b in self.candidates if fixed + b * per_image <= budget]
-        return max(fit) if fit else self.candidates[-1]
+        self.flops: dict[tuple[str, int], dict[str, Any]] = {}
 
     def time_left(self) -> float:
         return self.deadline - self.clock()
 
-    def expected_child_s(self) -> float:
-        return statistics.median(self.durations[-6:]) if self.durations else 40.0
-
     def save(self) -> None:
         write_json(self.args, self.rows, self.clock() - self.start)
 
-    # ---- running ---------------------------------------------------------------------------
-    def run_point(self, point: Point) -> None:
-        """Measures the forced batches and the largest fitting batch of ``point``.
-
-        The first subprocess measures the forced batches and the predicted batch in ascending
-        order, then the largest candidate its own memory reading says fits. On out-of-memory at
-        batch b, a fresh subprocess tries the forced batches below b and b's next candidate
-        down (binary back-off), until something fits or batch 1 fails.
-        """
-        key = (point.model, point.dtype)
-        if key in self.dead and point.img > self.dead[key]:
-            self.skip(
-                point, f"batch {self.candidates[-1]} ran out of memory at {self.dead[key]} px"
-            )
-            return
-        here = [
-            r
-            for r in self.rows
-            if (r["model"], r["img_size"], r["dtype"]) == (point.model, point.img, point.dtype)
-        ]
-        ok = {r["batch"] for r in here if r.get("status") == "ok"}
-        oom_min = min((r["batch"] for r in here if r.get("status") == "oom"), default=math.inf)
-        explicit = set(point.forced)
-        if not ok:
-            explicit.add(self.predict_start(point))
-        auto = True
-        for _ in range(4):  # at most 4 subprocesses per point
-            todo = sorted(b for b in explicit if b < oom_min and b not in ok)
-            if not todo:
-                break
-            if self.time_left() < max(0.7 * self.expected_child_s(), 10.0):
-                self.skip(point, "time budget spent", batches=todo)
-                return
-            below = [b for b in self.candidates if b < oom_min]
-            auto_max = max(below) if auto and below and max(below) > todo[-1] else None
-            new = self.run_child(point, todo, auto_max)
-            ok |= {r["batch"] for r in new if r["status"] == "ok"}
-            failed = [r for r in new if r["status"] != "ok"]
-            if not failed or failed[0]["status"] != "oom":
-                break  # done, or an error / timeout: no back-off
-            oom_min = min(oom_min, failed[0]["batch"])
-            best_ok = max((b for b in ok if b < oom_min), default=0)
-            between = [b for b in self.candidates if best_ok < b < oom_min]
-            explicit = set(point.forced) | ({max(between)} if between else set())
-            auto = False  # a larger batch already ran out of memory
-        if not ok and oom_min <= self.candidates[-1]:
-            self.dead[key] = point.img
-        for b in point.forced:
-            if b > oom_min and not self.row_at(point, b):
-                # Not run: a smaller batch already ran out of memory, so this one would too.
-                self.rows.append(
-                    {
-                        "model": point.model,
-                        "img_size": point.img,
-                        "dtype": point.dtype,
-                        "batch": b,
-                        "status": "oom",
-                        "implied": True,
-                        "error": f"not run: batch {oom_min} already ran out of memory",
-                        "bar": _is_bar(point.model, point.img, b, point.dtype),
-                    }
-                )
-
-    def row_at(self, point: Point, batch: int) -> dict[str, Any] | None:
-        """The ok or oom row of ``point`` at ``batch``, if any."""
-        return _row_at(self.rows, point.model, point.img, batch, point.dtype)
+    def pending(self) -> list[list[Unit]]:
+        chunks = [[u for u in c if not _unit_done(self.rows, u)] for c in plan_units(self.args)]
+        return [c for c in chunks if c]
 
     def run_all(self) -> None:
-        """Runs the whole plan in priority order and writes the JSON."""
-        for point in plan_points(self.args):
-            self.run_point(point)
+        """Runs the plan (restarting the child after an out-of-memory or a crash), collects
+        the host-side FLOPs, writes the JSON."""
+        chunks = self.pending()
+        points = sorted({(u.model, u.img) for c in chunks for u in c})
+        flops = self.start_flops(points)
+        for _ in range(8):  # children: the first, plus restarts
+            if not chunks or self.time_left() < 20:
+                break
+            new, status = self.run_child(chunks)
+            done = {(r["unit"]) for r in new if "unit" in r}
+            units = [u for c in chunks for u in c]
+            retry: list[Unit] = []
+            for r in new:
+                if r.get("status") == "oom" and r.get("auto") and r.get("runtime_oom"):
+                    smaller = [b for b in BATCH_CANDIDATES if b < r["batch"]]
+                    if smaller:
+                        u = units[r["unit"]]
+                        retry.append(dataclasses.replace(u, cap=smaller[0]))
+            left = [
+                [u for j, u in _indexed(chunks, k) if j not in done] for k in range(len(chunks))
+            ]
+            chunks = ([retry] if retry else []) + [c for c in left if c]
+            if status == 0:
+                break
+        if flops is not None:
+            self.collect_flops(flops)
+        self.merge_flops()
         self.save()
 
-    def launch(self, spec: ChildSpec, timeout: float) -> tuple[str, str, int | str]:
-        """Runs this script on ``spec`` in a subprocess: (stdout, stderr, exit code or
-        "timeout")."""
+    def start_flops(self, points: list[tuple[str, int]]) -> subprocess.Popen | None:
+        """Starts the CPU subprocess that counts FLOPs (concurrent with the device work)."""
+        have = {
+            (r["model"], r["img_size"]) for r in self.rows if r.get("fwd_flops_per_image_xla_form")
+        }
+        todo = [list(p) for p in points if p not in have]
+        if not todo or self.args.no_flops:
+            return None
+        env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+        cmd = [sys.executable, "-m", "benchmarks.bench_resolution", "--flops-child"]
+        return subprocess.Popen(
+            cmd + [json.dumps(todo)],
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            preexec_fn=lambda: os.nice(10),
+        )
+
+    def collect_flops(self, proc: subprocess.Popen) -> None:
+        try:
+            stdout, _ = proc.communicate(timeout=max(5.0, self.time_left() + 15))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, _ = proc.communicate()
+        for line in stdout.splitlines():
+            if line.startswith("FLOPS "):
+                r = json.loads(line[6:])
+                self.flops[(r["model"], r["img_size"])] = r
+
+    def merge_flops(self) -> None:
+        for r in self.rows:
+            f = self.flops.get((r["model"], r["img_size"]))
+            if f:
+                for k in ("fwd_flops_per_image_xla_form", "fwd_matmul_flops_per_image"):
+                    if k in f:
+                        r[k] = f[k]
+
+    def launch(self, cfg: ChildConfig, timeout: float, on_line: Callable[[str], None]):
+        """Runs a child on ``cfg``, calling ``on_line`` for each stdout line as it comes.
+
+        Returns:
+          (stderr tail, exit code or "timeout").
+        """
         cmd = [sys.executable, "-m", "benchmarks.bench_resolution", "--child"]
-        cmd.append(json.dumps(dataclasses.asdict(spec)))
+        cmd.append(json.dumps(dataclasses.asdict(cfg)))
         env = dict(os.environ)
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(self.args.mem_fraction))
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        try:
-            proc = subprocess.run(
+        err_path = Path(self.args.out).with_suffix(".child_stderr.txt")
+        err_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(err_path, "w") as err_file:
+            proc = subprocess.Popen(
                 cmd,
                 cwd=Path(__file__).resolve().parents[1],
                 env=env,
-                capture_output=True,
+                stdout=subprocess.PIPE,
+                stderr=err_file,
                 text=True,
-                timeout=timeout,
             )
-        except subprocess.TimeoutExpired as err:
-            return _text(err.stdout), _text(err.stderr), "timeout"
-        return proc.stdout, proc.stderr, proc.returncode
-
-    def skip(self, point: Point, why: str, batches: list[int] | None = None) -> None:
-        for b in batches or sorted(set(point.forced) or {0}):
-            self.rows.append(
-                {
-                    "model": point.model,
-                    "img_size": point.img,
-                    "dtype": point.dtype,
-                    "batch": b,
-                    "status": "skipped",
-                    "error": why,
-                }
+            lines: queue.Queue = queue.Queue()
+            reader = threading.Thread(
+                target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)],
+                daemon=True,
             )
-        print(f"skip {point.model} {point.img}px {point.dtype}: {why}", flush=True)
+            reader.start()
+            end = time.monotonic() + timeout
+            status: int | str = 0
+            while True:
+                try:
+                    line = lines.get(timeout=max(0.1, end - time.monotonic()))
+                except queue.Empty:
+                    proc.kill()
+                    status = "timeout"
+                    break
+                if line is None:
+                    status = proc.wait()
+                    break
+                on_line(line.rstrip("\n"))
+            proc.wait()
+        tail = err_path.read_text(errors="replace")[-600:]
+        return tail, status
 
-    def run_child(
-        self, point: Point, batches: list[int], auto_max: int | None
-    ) -> list[dict[str, Any]]:
-        """Runs one subprocess; returns (and records) its rows."""
+    def run_child(self, chunks: list[list[Unit]]) -> tuple[list[dict[str, Any]], int | str]:
+        """Runs one child over ``chunks``; records its rows as they arrive; blames a crash on
+        the unit it was timing (or on the chunk it was compiling)."""
         args = self.args
-        have_flops = any(
-            r.get("fwd_flops_per_image_xla_form")
-            for r in self.rows
-            if (r["model"], r["img_size"]) == (point.model, point.img)
-        )
-        spec = ChildSpec(
-            model=point.model,
-            img=point.img,
-            dtype=point.dtype,
-            batches=batches,
-            auto_max=auto_max,
+        cfg = ChildConfig(
+            chunks=[[dataclasses.asdict(u) for u in c] for c in chunks],
             fit_fraction=args.fit_fraction,
             bigla_impl=args.bigla_impl,
             attention_impl=args.attention_impl,
@@ -672,67 +1002,95 @@ class Runner:
             max_steps=args.steps,
             min_steps=min(3, args.steps),
             measure_seconds=args.measure_seconds,
-            count_flops=not have_flops,
+            compile_workers=args.compile_workers,
+            cache_dir=args.cache_dir or None,
+            deadline=time.time() + self.time_left() - 10,
         )
-        timeout = max(5.0, min(args.child_timeout, self.time_left()))
+        units = [u for c in chunks for u in c]
+        new: list[dict[str, Any]] = []
+        marks: dict[str, Any] = {"chunk": None, "start": None}
         t0 = self.clock()
-        print(
-            f"run  {point.model} {point.img}px {point.dtype} batches {batches}"
-            f"{f' (then up to {auto_max})' if auto_max and auto_max > batches[-1] else ''}"
-            f"  [{self.time_left():.0f} s left]",
-            flush=True,
-        )
-        stdout, stderr, status = self.launch(spec, timeout)
-        wall = self.clock() - t0
-        self.durations.append(wall)
-        lines = stdout.splitlines()
-        rows = [json.loads(line[7:]) for line in lines if line.startswith("RESULT ")]
-        started = [int(line[6:]) for line in lines if line.startswith("START ")]
-        reported = {r["batch"] for r in rows}
-        unreported = [b for b in started if b not in reported]
-        if status != 0 and (unreported or not rows):
-            # The process died (timeout, crash, kill) while measuring this batch.
-            tail = stderr[-600:] if stderr else ""
+        print(f"child: {len(units)} units in {len(chunks)} chunks [{self.time_left():.0f} s left]")
+
+        def on_line(line: str) -> None:
+            if line.startswith("RESULT "):
+                r = json.loads(line[7:])
+                r["bar"] = _is_bar(r["model"], r["img_size"], r["batch"], r["dtype"])
+                new.append(r)
+                self.rows.append(r)
+                print("     " + _row_summary(r), flush=True)
+                self.save()
+            elif line.startswith("CHUNK "):
+                marks["chunk"] = int(line[6:])
+                print(f"  compiling chunk {marks['chunk']} [{self.time_left():.0f} s left]")
+            elif line.startswith("START "):
+                marks["start"] = int(line[6:])
+
+        tail, status = self.launch(cfg, max(5.0, self.time_left()), on_line)
+        reported = {r["unit"] for r in new}
+        if status == EXIT_RUNTIME_OOM:
+            for r in new:
+                if r["unit"] == marks["start"] and r.get("status") == "oom":
+                    r["runtime_oom"] = True
+        elif status != 0:
+            # Died while timing a unit (blame it), or while compiling a chunk (blame the chunk).
+            blamed = []
+            if marks["start"] is not None and marks["start"] not in reported:
+                blamed = [marks["start"]]
+            elif marks["chunk"] is not None:
+                first = sum(len(c) for c in chunks[: marks["chunk"]])
+                blamed = [
+                    i
+                    for i in range(first, first + len(chunks[marks["chunk"]]))
+                    if i not in reported
+                ]
             kind = "timeout" if status == "timeout" else ("oom" if _is_oom(tail) else "error")
-            rows.append(
-                {
-                    "model": point.model,
-                    "img_size": point.img,
-                    "dtype": point.dtype,
-                    "batch": unreported[0] if unreported else batches[0],
+            for i in blamed:
+                u = units[i]
+                r = {
+                    "unit": i,
+                    "model": u.model,
+                    "img_size": u.img,
+                    "dtype": u.dtype,
+                    "batch": u.batch or 0,
+                    "auto": u.batch is None,
                     "status": kind,
-                    "error": f"subprocess exit {status}: {tail}",
+                    "error": f"child exit {status}: {tail}",
+                    "bar": False,
                 }
-            )
-        for r in rows:
-            r["subprocess_wall_s"] = wall
-            r["bar"] = _is_bar(r["model"], r["img_size"], r["batch"], r["dtype"])
-            self.rows.append(r)
-            print("     " + _row_summary(r), flush=True)
+                new.append(r)
+                self.rows.append(r)
+                print("     " + _row_summary(r), flush=True)
+        print(f"child exit {status} after {self.clock() - t0:.0f} s", flush=True)
         self.save()
-        return rows
+        return new, status
+
+
+def _indexed(chunks: list[list[Unit]], k: int) -> list[tuple[int, Unit]]:
+    """(global unit index, unit) of chunk ``k``."""
+    first = sum(len(c) for c in chunks[:k])
+    return list(enumerate(chunks[k], start=first))
 
 
 def _is_bar(model: str, img: int, batch: int, dtype: str) -> bool:
     return (model, img, batch) in BARS and dtype == "bfloat16"
 
 
-def _text(data: bytes | str | None) -> str:
-    if data is None:
-        return ""
-    return data.decode(errors="replace") if isinstance(data, bytes) else data
-
-
 def _row_summary(r: dict[str, Any]) -> str:
+    head = f"{r['model']:<7} {r['img_size']:>5} px {r['dtype']:<9}"
     if r.get("status") != "ok":
-        return f"batch {r['batch']:>3}: {r.get('status')} {str(r.get('error', ''))[:160]}"
-    peak = r.get("peak_train_bytes")
+        return f"{head} batch {r['batch']:>3}: {r.get('status')} {str(r.get('error', ''))[:160]}"
     return (
-        f"batch {r['batch']:>3}: train {r['train_img_s']:9.1f} img/s, infer "
-        f"{r['infer_img_s']:9.1f} img/s, peak {_mib(peak)} MiB, "
-        f"compile {r['compile_train_s'] + r['compile_infer_s']:.1f} s, {r.get('implementation')}"
-        f"; custom calls {','.join(r.get('custom_calls', [])) or 'none'}"
+        f"{head} batch {r['batch']:>3}: train {r['train_img_s']:9.1f} img/s, infer "
+        f"{r['infer_img_s']:9.1f} img/s, peak {_mib(_train_peak(r))} MiB, "
+        f"prepare {r.get('prepare_s', 0):.0f} s, time {r.get('time_s', 0):.1f} s, "
+        f"{r.get('implementation')}; custom calls {','.join(r.get('custom_calls', [])) or 'none'}"
     )
+
+
+def _train_peak(r: dict[str, Any]) -> float | None:
+    """Measured training peak where attributable, else XLA's buffer plan."""
+    return r.get("peak_train_bytes") or r.get("xla_train_bytes")
 
 
 def _mib(x: float | None) -> str:
@@ -806,52 +1164,54 @@ def bar_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if v and d and v["status"] == d["status"] == "ok":
             check["train_speed_ratio_vig_over_deit"] = v["train_img_s"] / d["train_img_s"]
             check["infer_speed_ratio_vig_over_deit"] = v["infer_img_s"] / d["infer_img_s"]
-            if v.get("peak_train_bytes") and d.get("peak_train_bytes"):
+            if _train_peak(v) and _train_peak(d):
                 check["peak_train_mib"] = {
-                    "vig_t": v["peak_train_bytes"] / MIB,
-                    "deit_t": d["peak_train_bytes"] / MIB,
+                    "vig_t": _train_peak(v) / MIB,
+                    "deit_t": _train_peak(d) / MIB,
                 }
         checks.append(check)
     return checks
 
 
 def print_table(rows: list[dict[str, Any]], header: str = "") -> None:
-    """Prints every measured configuration, then the bar checks."""
+    """Prints every measured configuration, then the bar checks.
+
+    Peak MiB: measured process peak, or XLA's buffer plan (marked ``p``) where the measured
+    peak could not be attributed. FLOPs: forward per image, 2 per multiply-add, XLA's count of
+    the all-XLA lowering (elementwise ops included) and dots/convolutions only.
+    """
     if header:
         print("\n" + header)
     cols = (
         f"{'model':<7} {'dtype':<9} {'px':>5} {'batch':>5} {'train img/s':>11} "
-        f"{'infer img/s':>11} {'train peak MiB':>14} {'infer peak MiB':>14} "
-        f"{'fwd GFLOP/img':>13} {'impl':<7} status"
+        f"{'infer img/s':>11} {'train peak MiB':>14} {'GFLOP xla':>10} {'GFLOP mm':>9} "
+        f"{'impl':<7} status"
     )
     print(cols)
     print("-" * len(cols))
     key = lambda r: (  # noqa: E731
         DTYPES.index(r["dtype"]) if r["dtype"] in DTYPES else 9,
-        r["model"],
+        MODELS.index(r["model"]) if r["model"] in MODELS else 9,
         r["img_size"],
         r["batch"],
     )
-    flops = {
-        (r["model"], r["img_size"]): r["fwd_flops_per_image_xla_form"]
-        for r in rows
-        if r.get("fwd_flops_per_image_xla_form")
-    }
+    flops = _flops_by_point(rows)
     for r in sorted(rows, key=key):
-        f = flops.get((r["model"], r["img_size"]))
+        f = flops.get((r["model"], r["img_size"]), {})
+        fx = f.get("fwd_flops_per_image_xla_form", float("nan")) / 1e9
+        fm = f.get("fwd_matmul_flops_per_image", float("nan")) / 1e9
+        head = f"{r['model']:<7} {r['dtype']:<9} {r['img_size']:>5} {r['batch']:>5} "
         if r.get("status") == "ok":
+            peak = _mib(_train_peak(r)) + ("" if r.get("peak_train_bytes") else "p")
             print(
-                f"{r['model']:<7} {r['dtype']:<9} {r['img_size']:>5} {r['batch']:>5} "
-                f"{r['train_img_s']:>11.1f} {r['infer_img_s']:>11.1f} "
-                f"{_mib(r.get('peak_train_bytes')):>14} {_mib(r.get('peak_infer_bytes')):>14} "
-                f"{f / 1e9 if f else float('nan'):>13.2f} {r.get('implementation', ''):<7} ok"
+                head + f"{r['train_img_s']:>11.1f} {r['infer_img_s']:>11.1f} {peak:>14} "
+                f"{fx:>10.2f} {fm:>9.2f} {r.get('implementation', ''):<7} ok"
                 f"{' (bar)' if r.get('bar') else ''}"
             )
         else:
             print(
-                f"{r['model']:<7} {r['dtype']:<9} {r['img_size']:>5} {r['batch']:>5} "
-                f"{'':>11} {'':>11} {'':>14} {'':>14} {'':>13} {'':<7} {r.get('status')}"
-                f": {str(r.get('error', ''))[:70]}"
+                head + f"{'':>11} {'':>11} {'':>14} {fx:>10.2f} {fm:>9.2f} {'':<7} "
+                f"{r.get('status')}: {str(r.get('error', ''))[:70]}"
             )
     print("\nbars (bf16, ViG-T vs our DeiT-T; official ViG-T/timm DeiT-T: 0.24x at 224,")
     print("      81 vs 259 img/s at 1024 batch 8):")
@@ -920,31 +1280,28 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
                     alpha=0.6,
                     label=f"{tag} inference",
                 )
-            mem = [
-                (p, r["peak_train_bytes"] / MIB / r["batch"])
-                for p, r in pts
-                if r.get("peak_train_bytes")
-            ]
+            mem = [(p, _train_peak(r) / MIB / r["batch"]) for p, r in pts if _train_peak(r)]
             if mem:
                 ax_mem.plot(
                     *zip(*mem, strict=True), styles[dtype], color=color, marker="o", label=tag
                 )
-        flops = sorted(
-            {
-                (r["img_size"], r["fwd_flops_per_image_xla_form"])
-                for r in rows
-                if r["model"] == model and _positive(r.get("fwd_flops_per_image_xla_form"))
-            }
-        )
-        if flops:
-            ax_flops.plot(
-                [p for p, _ in flops],
-                [f / 1e9 for _, f in flops],
-                "-",
-                color=color,
-                marker="o",
-                label=label,
+        f = _flops_by_point(rows)
+        for k, style, what in (
+            ("fwd_flops_per_image_xla_form", "-", "XLA"),
+            ("fwd_matmul_flops_per_image", ":", "dots+convs"),
+        ):
+            pts_f = sorted(
+                (img, v[k]) for (m, img), v in f.items() if m == model and _positive(v.get(k))
             )
+            if pts_f:
+                ax_flops.plot(
+                    [p for p, _ in pts_f],
+                    [v / 1e9 for _, v in pts_f],
+                    style,
+                    color=color,
+                    marker="o" if style == "-" else ".",
+                    label=f"{label} {what}",
+                )
         # Our runs at the official batch (the bars), hollow, to sit next to the official stars.
         for r in rows:
             if r.get("bar") and r["model"] == model and r.get("status") == "ok":
@@ -987,7 +1344,7 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     for ax, ylabel in (
         (ax_speed, "images/s"),
         (ax_mem, "peak training memory / batch (MiB per image)"),
-        (ax_flops, "forward GFLOP per image (XLA, all-XLA lowering)"),
+        (ax_flops, "forward GFLOP per image (2 per multiply-add)"),
     ):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -998,8 +1355,8 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     ax_speed.set_title("throughput, largest batch <= 128 that fits")
-    ax_mem.set_title("peak device memory (ours: process peak; official: extra)")
-    ax_flops.set_title("FLOPs")
+    ax_mem.set_title("peak device memory (ours: process peak / XLA plan; official: extra)")
+    ax_flops.set_title("FLOPs: XLA cost analysis (solid), dots+convs only (dotted)")
     fig.legend(handles=_legend_handles(models), loc="lower center", ncol=6, fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.11, 1, 1))
@@ -1080,6 +1437,21 @@ def _impls(rows, prefix: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _flops_by_point(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, float]]:
+    """(model, img) -> the FLOP counts found in any row of it."""
+    out: dict[tuple[str, int], dict[str, float]] = {}
+    for r in rows:
+        for k in ("fwd_flops_per_image_xla_form", "fwd_matmul_flops_per_image"):
+            if _positive(r.get(k)):
+                out.setdefault((r["model"], r["img_size"]), {})[k] = r[k]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point.
+# --------------------------------------------------------------------------------------------
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -1092,27 +1464,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-impl", default=None, choices=(None, "xla", "cudnn"))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=20, help="most timed steps per measurement")
-    p.add_argument("--measure-seconds", type=float, default=1.5)
-    p.add_argument("--max-seconds", type=float, default=510.0, help="time budget of the sweep")
-    p.add_argument("--child-timeout", type=float, default=240.0)
-    p.add_argument("--fit-fraction", type=float, default=0.85)
+    p.add_argument("--measure-seconds", type=float, default=1.0)
+    p.add_argument("--max-seconds", type=float, default=540.0, help="time budget of the sweep")
+    p.add_argument("--fit-fraction", type=float, default=0.9)
+    p.add_argument("--chunk-size", type=int, default=12, help="units compiled together")
+    p.add_argument("--compile-workers", type=int, default=8, help="compile threads per chunk")
+    p.add_argument(
+        "--cache-dir",
+        default=".cache/jax_bench_resolution",
+        help="persistent compilation cache ('' = none)",
+    )
     p.add_argument(
         "--mem-fraction",
         type=float,
         default=0.92,
-        help="XLA_PYTHON_CLIENT_MEM_FRACTION for the subprocesses",
+        help="XLA_PYTHON_CLIENT_MEM_FRACTION for the child",
     )
     p.add_argument("--out", default="benchmarks/results/resolution.json")
     p.add_argument("--png", default=None, help="figure (default: --out with .png)")
     p.add_argument("--resume", action="store_true", help="keep ok/oom rows already in --out")
     p.add_argument("--plot-only", action="store_true", help="redraw table and figure from --out")
     p.add_argument("--list", action="store_true", help="print the plan in priority order, exit")
+    p.add_argument("--no-flops", action="store_true", help="skip the host-side FLOP count")
+    p.add_argument(
+        "--flops-only", action="store_true", help="count FLOPs (CPU) for the plan, print, exit"
+    )
     p.add_argument(
         "--smoke",
         action="store_true",
         help="CPU check: ViG-T and DeiT-T at 32 px, batch 2, fp32, no bars",
     )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--flops-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
         args.models = "vig_t,deit_t"
@@ -1121,20 +1504,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_batch = 2
         args.no_bars = True
         args.warmup, args.steps, args.measure_seconds = 1, 2, 0.0
+        args.compile_workers = 2
     if args.max_batch not in BATCH_CANDIDATES:
         raise ValueError(f"--max-batch {args.max_batch}; expected one of {BATCH_CANDIDATES}")
     return args
 
 
+def flops_table(points: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """FLOPs of ``points`` from a CPU subprocess (the same path the sweep uses)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    cmd = [sys.executable, "-m", "benchmarks.bench_resolution", "--flops-child"]
+    proc = subprocess.run(
+        cmd + [json.dumps([list(p) for p in points])],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [json.loads(x[6:]) for x in proc.stdout.splitlines() if x.startswith("FLOPS ")]
+
+
+def print_flops(table: list[dict[str, Any]]) -> None:
+    print(f"{'model':<7} {'px':>5} {'GFLOP xla':>10} {'GFLOP mm':>9} {'GMAC mm':>8}")
+    for r in table:
+        fx = r.get("fwd_flops_per_image_xla_form", float("nan")) / 1e9
+        fm = r.get("fwd_matmul_flops_per_image", float("nan")) / 1e9
+        print(f"{r['model']:<7} {r['img_size']:>5} {fx:>10.3f} {fm:>9.3f} {fm / 2:>8.3f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
-        child_main(ChildSpec(**json.loads(args.child)))
+        child_main(ChildConfig(**json.loads(args.child)))
         return
+    if args.flops_child:
+        flops_child(json.loads(args.flops_child))
+        return
+    chunks = plan_units(args)
     if args.list:
-        for i, point in enumerate(plan_points(args)):
-            forced = f", batch {list(point.forced)} forced" if point.forced else ""
-            print(f"{i:>3} {point.model:<7} {point.img:>5} px {point.dtype}{forced}")
+        i = 0
+        for c, chunk in enumerate(chunks):
+            for u in chunk:
+                print(
+                    f"{i:>3} chunk {c} {u.model:<7} {u.img:>5} px {u.dtype:<9} "
+                    f"batch {u.batch or 'auto'}"
+                )
+                i += 1
+        return
+    if args.flops_only:
+        points = sorted({(u.model, u.img) for c in chunks for u in c})
+        table = flops_table(points)
+        print_flops(table)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"flops": table}, indent=1))
         return
     png = args.png or str(Path(args.out).with_suffix(".png"))
     rows: list[dict[str, Any]] = []
