@@ -70,7 +70,6 @@ from typing import Any
 
 MODELS = ("vig_t", "deit_t", "vig_s", "deit_s")
 RESOLUTIONS = (224, 384, 512, 768, 1024, 1536, 2048)
-FP32_RESOLUTIONS = RESOLUTIONS
 BATCH_CANDIDATES = (128, 64, 32, 16, 8, 4, 2, 1)
 DTYPES = ("bfloat16", "float32")
 # The issue's bars, all bf16: (model, resolution, batch).
@@ -808,7 +807,9 @@ def plan_units(args: argparse.Namespace) -> list[list[Unit]]:
     small ones (ascending resolution); fp32 likewise. Chunks hold at most ``--chunk-size``."""
     models = [m for m in args.models.split(",") if m]
     resolutions = [int(r) for r in args.resolutions.split(",") if r]
-    fp32_res = [int(r) for r in args.fp32_resolutions.split(",") if r]
+    fp32_res = resolutions
+    if args.fp32_resolutions:
+        fp32_res = [int(r) for r in args.fp32_resolutions.split(",") if r]
     dtypes = [d for d in args.dtypes.split(",") if d]
     for m in models:
         if m not in LABELS and not args.smoke:
@@ -1456,7 +1457,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--resolutions", default=",".join(map(str, RESOLUTIONS)))
-    p.add_argument("--fp32-resolutions", default=",".join(map(str, FP32_RESOLUTIONS)))
+    p.add_argument(
+        "--fp32-resolutions", default=None, help="fp32 subset (default: all of --resolutions)"
+    )
     p.add_argument("--dtypes", default=",".join(DTYPES))
     p.add_argument("--max-batch", type=int, default=128)
     p.add_argument("--no-bars", action="store_true", help="skip the issue's fixed-batch bars")
@@ -1533,6 +1536,26 @@ def print_flops(table: list[dict[str, Any]]) -> None:
         print(f"{r['model']:<7} {r['img_size']:>5} {fx:>10.3f} {fm:>9.3f} {fm / 2:>8.3f}")
 
 
+def add_missing_flops(data: dict[str, Any], path: str) -> None:
+    """Counts (on this host's CPU) the FLOPs that rows of ``data`` lack; rewrites ``path``."""
+    missing = sorted(
+        {
+            (r["model"], r["img_size"])
+            for r in data["rows"]
+            if not _positive(r.get("fwd_matmul_flops_per_image")) and r["model"] in LABELS
+        }
+    )
+    if not missing:
+        return
+    print(f"counting FLOPs of {len(missing)} (model, resolution) points on the CPU")
+    by_point = {(f["model"], f["img_size"]): f for f in flops_table(missing)}
+    for r in data["rows"]:
+        for k, v in by_point.get((r["model"], r["img_size"]), {}).items():
+            if k.startswith("fwd_"):
+                r[k] = v
+    Path(path).write_text(json.dumps(data, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
@@ -1562,13 +1585,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     png = args.png or str(Path(args.out).with_suffix(".png"))
     rows: list[dict[str, Any]] = []
+    data: dict[str, Any] = {}
     if (args.resume or args.plot_only) and args.out and Path(args.out).exists():
-        rows = [
-            r
-            for r in json.loads(Path(args.out).read_text())["rows"]
-            if r.get("status") in ("ok", "oom")
-        ]
+        data = json.loads(Path(args.out).read_text())
+        rows = [r for r in data["rows"] if r.get("status") in ("ok", "oom")]
         print(f"read {len(rows)} rows from {args.out}")
+    if args.plot_only and data and not args.no_flops:
+        add_missing_flops(data, args.out)
     if not args.plot_only:
         runner = Runner(args, rows)
         runner.run_all()
