@@ -865,6 +865,7 @@ class Runner:
         self.start = self.clock()
         self.deadline = self.start + args.max_seconds
         self.flops: dict[tuple[str, int], dict[str, Any]] = {}
+        self.workers = args.compile_workers  # drops to 1 after a crash while compiling
 
     def time_left(self) -> float:
         return self.deadline - self.clock()
@@ -945,14 +946,23 @@ class Runner:
                     if k in f:
                         r[k] = f[k]
 
+    def child_command(self, cfg: ChildConfig) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_resolution",
+            "--child",
+            json.dumps(dataclasses.asdict(cfg)),
+        ]
+
     def launch(self, cfg: ChildConfig, timeout: float, on_line: Callable[[str], None]):
         """Runs a child on ``cfg``, calling ``on_line`` for each stdout line as it comes.
 
         Returns:
-          (stderr tail, exit code or "timeout").
+          (stderr tail, exit code, "timeout" (killed at the deadline) or "stalled" (killed
+          after ``--stall-seconds`` without a line)).
         """
-        cmd = [sys.executable, "-m", "benchmarks.bench_resolution", "--child"]
-        cmd.append(json.dumps(dataclasses.asdict(cfg)))
+        cmd = self.child_command(cfg)
         env = dict(os.environ)
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(self.args.mem_fraction))
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -976,11 +986,12 @@ class Runner:
             end = time.monotonic() + timeout
             status: int | str = 0
             while True:
+                wait = min(end - time.monotonic(), self.args.stall_seconds)
                 try:
-                    line = lines.get(timeout=max(0.1, end - time.monotonic()))
+                    line = lines.get(timeout=max(0.1, wait))
                 except queue.Empty:
-                    proc.kill()
-                    status = "timeout"
+                    proc.kill()  # out of time, or silent too long (a hung compile)
+                    status = "timeout" if time.monotonic() >= end - 0.2 else "stalled"
                     break
                 if line is None:
                     status = proc.wait()
@@ -1003,13 +1014,13 @@ class Runner:
             max_steps=args.steps,
             min_steps=min(3, args.steps),
             measure_seconds=args.measure_seconds,
-            compile_workers=args.compile_workers,
+            compile_workers=self.workers,
             cache_dir=args.cache_dir or None,
             deadline=time.time() + self.time_left() - 10,
         )
         units = [u for c in chunks for u in c]
         new: list[dict[str, Any]] = []
-        marks: dict[str, Any] = {"chunk": None, "start": None}
+        marks: dict[str, Any] = {"chunk": None, "start": None, "phase": None}
         t0 = self.clock()
         print(f"child: {len(units)} units in {len(chunks)} chunks [{self.time_left():.0f} s left]")
 
@@ -1022,10 +1033,10 @@ class Runner:
                 print("     " + _row_summary(r), flush=True)
                 self.save()
             elif line.startswith("CHUNK "):
-                marks["chunk"] = int(line[6:])
+                marks["chunk"], marks["phase"] = int(line[6:]), "compile"
                 print(f"  compiling chunk {marks['chunk']} [{self.time_left():.0f} s left]")
             elif line.startswith("START "):
-                marks["start"] = int(line[6:])
+                marks["start"], marks["phase"] = int(line[6:]), "timing"
 
         tail, status = self.launch(cfg, max(5.0, self.time_left()), on_line)
         reported = {r["unit"] for r in new}
@@ -1033,19 +1044,23 @@ class Runner:
             for r in new:
                 if r["unit"] == marks["start"] and r.get("status") == "oom":
                     r["runtime_oom"] = True
-        elif status != 0:
-            # Died while timing a unit (blame it), or while compiling a chunk (blame the chunk).
+        elif status not in (0, "timeout"):
+            # Died while timing a unit: blame it. Died while compiling a chunk: first retry
+            # with one compile thread, then blame the chunk.
             blamed = []
-            if marks["start"] is not None and marks["start"] not in reported:
+            if marks["phase"] == "timing" and marks["start"] not in reported:
                 blamed = [marks["start"]]
-            elif marks["chunk"] is not None:
+            elif marks["phase"] == "compile" and self.workers > 1:
+                print(f"child died compiling ({status}); compiling on one thread from now on")
+                self.workers = 1
+            elif marks["phase"] == "compile":
                 first = sum(len(c) for c in chunks[: marks["chunk"]])
                 blamed = [
                     i
                     for i in range(first, first + len(chunks[marks["chunk"]]))
                     if i not in reported
                 ]
-            kind = "timeout" if status == "timeout" else ("oom" if _is_oom(tail) else "error")
+            kind = "oom" if _is_oom(tail) else "error"
             for i in blamed:
                 u = units[i]
                 r = {
@@ -1472,6 +1487,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fit-fraction", type=float, default=0.9)
     p.add_argument("--chunk-size", type=int, default=12, help="units compiled together")
     p.add_argument("--compile-workers", type=int, default=8, help="compile threads per chunk")
+    p.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=240.0,
+        help="kill a child that prints nothing for this long (then compile on one thread)",
+    )
     p.add_argument(
         "--cache-dir",
         default=".cache/jax_bench_resolution",

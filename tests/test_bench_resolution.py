@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -108,13 +109,22 @@ def test_predict_fit_is_linear_in_the_batch():
 class FakeRunner(br.Runner):
     """A Runner whose child is a fake device with :data:`LIMIT` bytes.
 
-    ``crash``: {unit name: "timing" | "compile" | "runtime_oom"} makes the child die there.
+    ``crash``: {unit name: "timing" | "compile" | "runtime_oom"} makes the child die there;
+    "compile,compile" dies in two children.
     """
 
     def __init__(self, args, rows, crash=None):
         self.children: list[br.ChildConfig] = []
-        self.crash = dict(crash or {})
+        self.crash = {k: v.split(",") for k, v in (crash or {}).items()}
         super().__init__(args, rows)
+
+    def event(self, unit, what):
+        """True (once per listed event) if ``unit`` is to die with ``what``."""
+        events = self.crash.get(unit.name, [])
+        if events and events[0] == what:
+            events.pop(0)
+            return True
+        return False
 
     def launch(self, cfg, timeout, on_line):
         """Emulates child_main: CHUNK/START/RESULT lines, exit codes of crashes and OOM."""
@@ -126,8 +136,7 @@ class FakeRunner(br.Runner):
             units = [(index + i, br.Unit(**u)) for i, u in enumerate(chunk)]
             index += len(chunk)
             for _, u in units:
-                if self.crash.get(u.name) == "compile":
-                    del self.crash[u.name]
+                if self.event(u, "compile"):
                     return "Segmentation fault", -11
             for i, u in units:
                 base = {"unit": i, "model": u.model, "img_size": u.img, "dtype": u.dtype}
@@ -147,10 +156,9 @@ class FakeRunner(br.Runner):
                     on_line("RESULT " + json.dumps(row))
                     continue
                 on_line(f"START {i}")
-                what = self.crash.pop(u.name, None)
-                if what == "timing":
+                if self.event(u, "timing"):
                     return "CUDA_ERROR_ILLEGAL_ADDRESS", -6
-                if what == "runtime_oom":
+                if self.event(u, "runtime_oom"):
                     row = {**base, "batch": b, "status": "oom", "error": "RESOURCE_EXHAUSTED"}
                     on_line("RESULT " + json.dumps(row))
                     return "", br.EXIT_RUNTIME_OOM
@@ -216,14 +224,22 @@ def test_crash_while_timing_is_blamed_on_that_unit_and_the_rest_goes_on(tmp_path
     )
 
 
-def test_crash_while_compiling_is_blamed_on_the_chunk(tmp_path):
+def test_crash_while_compiling_falls_back_to_one_thread_then_blames_the_chunk(tmp_path):
     args = make_args(tmp_path, "--models", "vig_t", "--resolutions", "224,512,768,1024")
     args.chunk_size = 2
+    # Once: the next child compiles on one thread and measures everything.
     runner = FakeRunner(args, [], crash={"vig_t/512/bfloat16/auto": "compile"})
     runner.run_all()
+    assert [c.compile_workers for c in runner.children] == [8, 1]
+    assert all(r["status"] == "ok" for r in runner.rows)
+    assert len(runner.rows) == len([u for c in br.plan_units(args) for u in c])
+    # Twice: the chunk being compiled (512 and 768 px bf16) is blamed, the rest measured.
+    runner = FakeRunner(args, [], crash={"vig_t/512/bfloat16/auto": "compile,compile"})
+    runner.run_all()
     bad = sorted((r["img_size"], r["dtype"]) for r in runner.rows if r["status"] == "error")
-    assert bad == [(512, "bfloat16"), (768, "bfloat16")]  # the chunk being compiled
+    assert bad == [(512, "bfloat16"), (768, "bfloat16")]
     assert all("Segmentation fault" in r["error"] for r in runner.rows if r["status"] == "error")
+    assert sum(r["status"] == "ok" for r in runner.rows) == len(runner.rows) - 2
 
 
 def test_runtime_oom_retries_with_a_smaller_cap(tmp_path):
@@ -238,8 +254,6 @@ def test_runtime_oom_retries_with_a_smaller_cap(tmp_path):
 
 
 def test_time_budget_reaches_the_child_as_a_deadline(tmp_path):
-    import time
-
     args = make_args(tmp_path, "--max-seconds", "100")
     runner = FakeRunner(args, [])
     runner.run_all()
@@ -351,3 +365,27 @@ def test_parameters_are_reused_across_resolutions_with_new_position_embeddings()
             changed.append(jax.tree_util.keystr(path))
             assert 0.015 < np.std(g) < 0.025 and np.abs(g).max() <= 0.04
     assert changed == ["['pos_embed'].value"]
+
+
+def test_a_silent_child_is_killed_and_compiling_falls_back_to_one_thread(tmp_path):
+    """A child that hangs while compiling (prints CHUNK, then nothing) is killed after
+    --stall-seconds; the next one compiles on one thread."""
+
+    class Hanging(br.Runner):
+        def child_command(self, cfg):
+            self.configs.append(cfg)
+            if len(self.configs) == 1:
+                code = "import time; print('CHUNK 0', flush=True); time.sleep(60)"
+            else:
+                code = "print('CHUNK 0', flush=True)"
+            return [sys.executable, "-c", code]
+
+    args = make_args(tmp_path, "--models", "vig_t", "--resolutions", "224", "--no-bars")
+    args.dtypes, args.stall_seconds = "float32", 1.0
+    runner = Hanging(args, [])
+    runner.configs = []
+    t0 = time.monotonic()
+    runner.run_all()
+    assert time.monotonic() - t0 < 30
+    assert [c.compile_workers for c in runner.configs] == [8, 1]
+    assert runner.rows == []  # nothing blamed on the first hang; the second child said nothing
