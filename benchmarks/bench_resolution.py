@@ -28,6 +28,9 @@ units one after another with nothing else running. Parameters are initialised on
 and reused at every resolution (position embeddings redrawn at the new size). A persistent
 compilation cache (``--cache-dir``) makes a restarted child (after an out-of-memory) and a
 ``--resume`` on the same machine reuse executables, and XLA's per-fusion autotuning results.
+A child that dies or prints nothing for ``--stall-seconds`` while compiling is replaced by one
+that compiles on a single thread; one that dies while timing a unit is replaced, the unit
+marked as failed. ``--compile-workers 1`` compiles serially from the start.
 
 Order: the issue's bars (ViG-T and DeiT-T in bf16 at 224/b128, 1024/b8, 2048/b8), then bf16 at
 all resolutions (ViG-T/DeiT-T, then ViG-S/DeiT-S), then fp32. Each configuration uses the
@@ -36,15 +39,17 @@ are written to ``--out`` as they arrive; ``--max-seconds`` bounds the sweep; ``-
 units already measured. Prints a table and draws three panels (throughput, memory, FLOPs
 against resolution) with the official code's numbers (vig-reference.md section 13) marked.
 
-    # H100, first call (bf16, all models and resolutions), then the continuation (fp32):
-    python -m benchmarks.bench_resolution --dtypes bfloat16 --max-seconds 540 \\
-        --out benchmarks/results/resolution_h100.json
-    python -m benchmarks.bench_resolution --resume --max-seconds 540 \\
-        --out benchmarks/results/resolution_h100.json
+    # H100, first call (writes JSON, PNG and the child's stderr under $OUT):
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.bench_resolution --max-seconds 540 \
+        --out $OUT/resolution_h100.json
+    # continuation (after copying the returned JSON to benchmarks/results/):
+    cp benchmarks/results/resolution_h100.json $OUT/ && PYTHONUNBUFFERED=1 python3 -m \
+        benchmarks.bench_resolution --resume --max-seconds 540 --out $OUT/resolution_h100.json
     # FLOPs only (CPU, any machine), and the plan:
     python -m benchmarks.bench_resolution --flops-only --out /tmp/flops.json
     python -m benchmarks.bench_resolution --list
-    # CPU smoke run (tiny resolution and batch), and redrawing table and figure from JSON:
+    # CPU smoke run (tiny resolution and batch), and redrawing table and figure from JSON
+    # (counting on the CPU any FLOPs the rows lack):
     python -m benchmarks.bench_resolution --smoke --out /tmp/res.json
     python -m benchmarks.bench_resolution --plot-only --out benchmarks/results/resolution_h100.json
 """
@@ -846,8 +851,8 @@ def _unit_done(rows: list[dict[str, Any]], unit: Unit) -> bool:
     for r in rows:
         if (r["model"], r["img_size"], r["dtype"]) != (unit.model, unit.img, unit.dtype):
             continue
-        if r.get("status") not in ("ok", "oom"):
-            continue
+        if r.get("status") not in ("ok", "oom") or r.get("runtime_oom"):
+            continue  # an out-of-memory while running is retried at a smaller batch
         if unit.batch is None and r.get("auto"):
             return True
         if unit.batch is not None and r.get("batch") == unit.batch and not r.get("auto"):

@@ -251,6 +251,10 @@ def test_runtime_oom_retries_with_a_smaller_cap(tmp_path):
     assert rows[0] == (first, "oom")
     assert runner.children[1].chunks[0][0]["cap"] == first // 2
     assert rows[1] == (first // 2, "ok")
+    # --resume: a runtime out-of-memory alone does not count as measured.
+    unit = br.Unit("vig_t", 512, "float32")
+    assert runner.rows[0]["runtime_oom"] and not br._unit_done(runner.rows[:1], unit)
+    assert br._unit_done(runner.rows, unit)
 
 
 def test_time_budget_reaches_the_child_as_a_deadline(tmp_path):
