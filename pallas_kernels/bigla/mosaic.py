@@ -86,7 +86,7 @@ def _bcast_col(col: jax.Array, shape) -> jax.Array:
     return lax.broadcast_in_dim(col, shape, [0])
 
 
-def _direction_chunk(x, y, cum, z_smem, state, scratch, *, forward, op_dtype):
+def _direction_chunk(x, y, cum, z_smem, state, scratch, *, forward, op_dtype, sub):
     """One chunk of one direction: its output and the state after it.
 
     Args:
@@ -106,24 +106,25 @@ def _direction_chunk(x, y, cum, z_smem, state, scratch, *, forward, op_dtype):
     s_smem, yd_smem, yr_smem, xr_smem, xg_smem, a_smem = scratch
     bt, dk = x.shape
     dv = state.shape[0]
-    rows, cols = _iota((bt, dk), 0), _iota((bt, dk), 1)
-    del cols
-    nsub = bt // SUB
-    # Rescaled keys, one set per sub-block r: y_j e^{ref_r - G_j} on the causal side of r.
-    for r in range(nsub):
-        # Forward: reference just before sub-block r (row r*SUB - 1; zero for r = 0).
-        # Backward: reference just after it (row (r+1)*SUB; zero for the last one).
-        ref_row = r * SUB - 1 if forward else (r + 1) * SUB
-        if 0 <= ref_row < bt:
-            ref = _bcast_row(_pick_row(cum, ref_row), (bt, dk))
-        else:
-            ref = jnp.zeros((bt, dk), jnp.float32)
-        keep = rows < (r + 1) * SUB if forward else rows >= r * SUB
+    rows = _iota((bt, dk), 0)
+    nsub = bt // sub
+
+    # Rescaled keys and queries, one set per sub-block r (a loop, not unrolled: unrolling made
+    # the kernel's MLIR 1 MB and its lowering + compilation ~10 s per call site).
+    def rescale(r, carry):
+        # Reference row: just before sub-block r going forward (row r*sub - 1, none for r = 0),
+        # just after it going backward (row (r+1)*sub, none for the last one); none -> 0.
+        ref_row = r * sub - 1 if forward else (r + 1) * sub
+        ref = _bcast_row(_pick_row(cum, ref_row), (bt, dk))
+        keep = rows < (r + 1) * sub if forward else rows >= r * sub
         expo = jnp.minimum(jnp.where(keep, ref - cum, -jnp.inf), CLAMP)
         yr_smem[r] = (y * jnp.exp(expo)).astype(op_dtype)
-        in_block = (rows >= r * SUB) & (rows < (r + 1) * SUB)
+        in_block = (rows >= r * sub) & (rows < (r + 1) * sub)
         xr = jnp.where(in_block, x * jnp.exp(jnp.where(in_block, cum - ref, 0.0)), 0.0)
         xr_smem[r] = xr.astype(op_dtype)
+        return carry
+
+    lax.fori_loop(0, nsub, rescale, 0)
     last = _pick_row(cum, bt - 1 if forward else 0)  # [Dk] total log decay of the chunk
     yd_smem[...] = (y * jnp.exp(_bcast_row(last, (bt, dk)) - cum)).astype(op_dtype)
     xg_smem[...] = (x * jnp.exp(cum)).astype(op_dtype)
@@ -162,7 +163,7 @@ def _direction_chunk(x, y, cum, z_smem, state, scratch, *, forward, op_dtype):
 
 
 def _chunk_kernel(
-    x_ref, y_ref, z_ref, cf_ref, cb_ref, o_ref, ob_ref, *scratch, n_chunks, out_scale, op_dtype
+    x_ref, y_ref, z_ref, cf_ref, cb_ref, o_ref, ob_ref, *scratch, n_chunks, out_scale, op_dtype, sub
 ):
     """Program (b, h): backward-direction sweep (last chunk first) into ``ob_ref`` (fp32), then
     the forward-direction sweep, which adds it and writes ``out_scale * (o_f + o_b)``."""
@@ -187,7 +188,7 @@ def _chunk_kernel(
         c = n_chunks - 1 - i
         x, y, cum = load(c, cb_ref)
         out, state = _direction_chunk(
-            x, y, cum, z_s, state, operands, forward=False, op_dtype=op_dtype
+            x, y, cum, z_s, state, operands, forward=False, op_dtype=op_dtype, sub=sub
         )
         ob_s[...] = out
         plgpu.commit_smem()
@@ -201,7 +202,7 @@ def _chunk_kernel(
         x, y, cum = load(c, cf_ref)
         plgpu.copy_gmem_to_smem(ob_ref.at[b, pl.ds(c * CHUNK, CHUNK), h], ob_s, bars.at[4])
         out, state = _direction_chunk(
-            x, y, cum, z_s, state, operands, forward=True, op_dtype=op_dtype
+            x, y, cum, z_s, state, operands, forward=True, op_dtype=op_dtype, sub=sub
         )
         plgpu.barrier_wait(bars.at[4])
         o_s[...] = ((out + _wg(ob_s[...])) * out_scale).astype(o_s.dtype)
@@ -233,7 +234,9 @@ def _pad_tokens(x: jax.Array, extra: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
 
 
-def bidirectional_chunked(x, y, z, gf, gb, *, out_scale: float, out_dtype, interpret=False):
+def bidirectional_chunked(
+    x, y, z, gf, gb, *, out_scale: float, out_dtype, interpret=False, sub: int = SUB
+):
     """``out_scale * (forward + backward GLA)`` with key-channel gates, on Mosaic GPU.
 
     Args:
@@ -255,7 +258,7 @@ def bidirectional_chunked(x, y, z, gf, gb, *, out_scale: float, out_dtype, inter
     x, y, z, gf, gb = (_pad_tokens(a, n_pad - n) for a in (x, y, z, gf, gb))
     cf, cb = _chunk_cumsums(gf, gb)
     kernel = functools.partial(
-        _chunk_kernel, n_chunks=n_chunks, out_scale=out_scale, op_dtype=op_dtype
+        _chunk_kernel, n_chunks=n_chunks, out_scale=out_scale, op_dtype=op_dtype, sub=sub
     )
     # One swizzle for every wgmma operand: Mosaic GPU wants A's and B's tilings to match.
     kt = _smem_transforms(dk, op_dtype)
@@ -269,8 +272,8 @@ def bidirectional_chunked(x, y, z, gf, gb, *, out_scale: float, out_dtype, inter
         # wgmma operands (see _direction_chunk)
         plgpu.SMEM((dv, dk), op_dtype, transforms=kt),
         plgpu.SMEM((CHUNK, dk), op_dtype, transforms=kt),
-        plgpu.SMEM((CHUNK // SUB, CHUNK, dk), op_dtype, transforms=kt),
-        plgpu.SMEM((CHUNK // SUB, CHUNK, dk), op_dtype, transforms=kt),
+        plgpu.SMEM((CHUNK // sub, CHUNK, dk), op_dtype, transforms=kt),
+        plgpu.SMEM((CHUNK // sub, CHUNK, dk), op_dtype, transforms=kt),
         plgpu.SMEM((CHUNK, dk), op_dtype, transforms=kt),
         plgpu.SMEM((CHUNK, CHUNK), op_dtype, transforms=kt),
         plgpu.Barrier(num_barriers=5),
