@@ -1,12 +1,14 @@
-"""The Mosaic GPU BiGLA kernel against the float64 reference.
+"""The Mosaic GPU BiGLA kernels against the float64 reference.
 
-On a CPU the kernel runs in Mosaic GPU interpret mode (``plgpu.InterpretGPUParams``: the same
-kernel code, forward and the ``dv`` of the backward); on an sm90 GPU it runs for real. A CPU-side
-CUDA lowering check (through Mosaic GPU's layout inference) catches what the GPU lowering rejects.
+On a CPU the kernels run in Mosaic GPU interpret mode (``plgpu.InterpretGPUParams``: the same
+kernel code); on an sm90 GPU they run for real. A CPU-side CUDA lowering check (through Mosaic
+GPU's layout inference) catches what the GPU lowering rejects.
 
-The wgmma operands are bf16 even for fp32 inputs (see ``bigla_mosaic``), so the kernel's outputs
-(``o`` and ``dv``) meet a bf16 bar (1e-2) for both dtypes; the fp32 ``dq, dk, dgf, dgb`` come from
-the XLA backward and meet the fp32 bar (1e-5).
+The wgmma operands are bf16 even for fp32 inputs (see ``bigla_mosaic``), so every output of a
+Mosaic kernel (``o``, ``dq``, ``dk``, ``dv``) meets a bf16 bar (1e-2) for both dtypes. The gate
+gradients are cumulative sums of differences ``q dq - k dk`` that partly cancel, so their relative
+error is up to ~4x that of dq and dk (1.2e-2 measured for fp32 inputs with random gates): bar
+2e-2. With ``backward="xla"`` the fp32 ``dq, dk, dgf, dgb`` come from XLA and meet the fp32 bar.
 """
 
 import functools
@@ -21,36 +23,43 @@ from pallas_kernels.bigla.testing import cast_inputs, random_inputs, reference_v
 
 ON_GPU = jax.default_backend() == "gpu"
 GRAD_NAMES = ("dq", "dk", "dv", "dgf", "dgb")
-KERNEL_OUTPUTS = ("o", "dv")  # computed by the Mosaic kernel (bf16 wgmma operands)
 
 
 @functools.cache
-def _forward_and_vjp(scale):
+def _forward_and_vjp(scale, backward):
     """One jitted forward + VJP per scale, shared by the tests: on the GPU, compiling the two
     Mosaic kernels and the XLA backward is most of a test's time, and jit reuses the executable
     for every test with the same shapes and dtypes."""
 
     def fn(q, k, v, gf, gb, do):
-        op = lambda *a: mosaic.bigla_mosaic(*a, scale=scale, interpret=not ON_GPU)
+        op = lambda *a: mosaic.bigla_mosaic(
+            *a, scale=scale, interpret=not ON_GPU, backward=backward
+        )
         out, vjp = jax.vjp(op, q, k, v, gf, gb)
         return out, vjp(do)
 
     return jax.jit(fn)
 
 
-def _run(arrays, scale=None):
-    return _forward_and_vjp(scale)(*arrays)
+def _run(arrays, scale=None, backward="mosaic"):
+    return _forward_and_vjp(scale, backward)(*arrays)
 
 
-def _check(arrays, *, fp32_bar, **kwargs):
-    want, want_grads = reference_vjp(*arrays, **kwargs)
-    out, grads = _run(arrays, **kwargs)
+def _bar(name, fp32, backward):
+    if name == "dv" or backward == "mosaic":
+        return 2e-2 if name.startswith("dg") else 1e-2
+    return 1e-5 if fp32 else 1e-2
+
+
+def _check(arrays, *, fp32, scale=None, backward="mosaic"):
+    want, want_grads = reference_vjp(*arrays, scale=scale)
+    out, grads = _run(arrays, scale, backward)
     assert out.shape == want.shape and out.dtype == arrays[2].dtype
     assert relative_error(out, want) < 1e-2
     for name, got, ref in zip(GRAD_NAMES, grads, want_grads, strict=True):
         assert got.shape == ref.shape, name
         assert np.isfinite(np.asarray(got)).all(), name
-        bar = 1e-2 if (name in KERNEL_OUTPUTS or not fp32_bar) else 1e-5
+        bar = _bar(name, fp32, backward)
         assert relative_error(got, ref) < bar, name
 
 
@@ -61,22 +70,26 @@ def _check(arrays, *, fp32_bar, **kwargs):
 )
 def test_bf16_forward_and_gradients_match_float64_reference(shape, gates):
     arrays = cast_inputs(random_inputs(sum(shape), *shape, gates=gates), jnp.bfloat16)
-    _check(arrays, fp32_bar=False)
+    _check(arrays, fp32=False)
 
 
 @pytest.mark.parametrize(
-    ("shape", "gates"),
-    [((1, 197, 1, 32, 64), "random"), ((1, 61, 1, 16, 128), "steep")],
+    ("shape", "gates", "backward"),
+    [
+        ((1, 197, 1, 32, 64), "random", "mosaic"),
+        ((1, 61, 1, 16, 128), "steep", "mosaic"),
+        ((1, 197, 1, 32, 64), "random", "xla"),
+    ],
     ids=str,
 )
-def test_fp32_forward_and_gradients_match_float64_reference(shape, gates):
+def test_fp32_forward_and_gradients_match_float64_reference(shape, gates, backward):
     arrays = cast_inputs(random_inputs(sum(shape), *shape, gates=gates), np.float32)
-    _check(arrays, fp32_bar=True)
+    _check(arrays, fp32=True, backward=backward)
 
 
 def test_explicit_scale():
     arrays = cast_inputs(random_inputs(2, 1, 20, 1, 32, 64), jnp.bfloat16)
-    _check(arrays, fp32_bar=False, scale=0.3)
+    _check(arrays, fp32=False, scale=0.3)
 
 
 def test_shifted_gates_give_dv_pair_weights():
@@ -111,7 +124,7 @@ def test_forward_and_backward_lower_to_mosaic_gpu_for_cuda(dtype):
             platforms=["cuda"],
             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")],
         )(q, q, v, g, g)
-    assert exported.mlir_module().count("mosaic_gpu_v2") == 2  # forward + dv kernels
+    assert exported.mlir_module().count("mosaic_gpu_v2") == 4  # forward, dv, dq and dk kernels
 
 
 def test_input_validation():
@@ -123,3 +136,5 @@ def test_input_validation():
         mosaic.bigla_mosaic(q[..., :8], q[..., :8], v.astype(q.dtype), q[..., :8], q[..., :8])
     with pytest.raises(ValueError, match="Dv=32"):
         mosaic.bigla_mosaic(q, q, v[..., :32].astype(q.dtype), q, q)
+    with pytest.raises(ValueError, match="backward='triton'"):
+        mosaic.bigla_mosaic(q, q, v.astype(q.dtype), q, q, backward="triton")

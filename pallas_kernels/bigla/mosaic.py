@@ -42,9 +42,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 CHUNK = 64  # tokens per chunk: one wgmma M tile
-SUB = 8  # rows per intra-chunk sub-block (one reference point each)
-CLAMP = 60.0  # cap of the only positive exponents (inside 8 x 8 diagonal blocks)
+SUB = 16  # rows per intra-chunk sub-block (one reference point each)
+CLAMP = 60.0  # cap of the only positive exponents (inside SUB x SUB diagonal blocks)
 _OPERAND_DTYPES = (jnp.bfloat16, jnp.float16)
+_BACKWARDS = ("mosaic", "xla")
 
 
 def _smem_transforms(minor: int, dtype) -> tuple:
@@ -162,31 +163,70 @@ def _direction_chunk(x, y, cum, z_smem, state, scratch, *, forward, op_dtype, su
     return out, state * _bcast_row(jnp.exp(last), (dv, dk)) + new
 
 
+def _cumsum_by_wgmma(g, tri_smem, part_smems, *, forward, op_dtype):
+    """Chunk-local inclusive cumulative sums of log gates, on the tensor cores.
+
+    Mosaic GPU cannot lower ``cumsum``, so this is ``T @ g`` with a triangular ones matrix ``T``.
+    ``g`` is split into three operand-dtype parts (``hi + mid + lo``, together 24 mantissa bits
+    for bf16), so the sum is fp32-accurate although the wgmma operands are 16-bit.
+
+    Args:
+      g: [64, Dk] fp32 log gates of one chunk (wgmma layout).
+      tri_smem: SMEM [64, 64] wgmma operand buffer (operand dtype), overwritten with ``T``.
+      part_smems: three SMEM [64, Dk] wgmma operand buffers, overwritten with the parts.
+      forward: prefix sums (``T`` lower triangular) if True, else suffix sums (upper).
+
+    Returns:
+      [64, Dk] fp32 cumulative log gates.
+    """
+    bt = g.shape[0]
+    i, j = _iota((bt, bt), 0), _iota((bt, bt), 1)
+    tri_smem[...] = jnp.where(j <= i if forward else j >= i, 1.0, 0.0).astype(op_dtype)
+    rest = g
+    for part_smem in part_smems:
+        part = rest.astype(op_dtype)
+        part_smem[...] = part
+        rest = rest - part.astype(jnp.float32)
+    plgpu.commit_smem()
+
+    def accumulate(acc):
+        for part_smem in part_smems:
+            plgpu.wgmma(acc, tri_smem, part_smem)
+        return acc[...]
+
+    return pl.run_scoped(accumulate, plgpu.ACC(g.shape, jnp.float32))
+
+
 def _chunk_kernel(
-    x_ref, y_ref, z_ref, cf_ref, cb_ref, o_ref, ob_ref, *scratch, n_chunks, out_scale, op_dtype, sub
+    x_ref, y_ref, z_ref, gf_ref, gb_ref, o_ref, ob_ref, *scratch, n_chunks, out_scale, op_dtype, sub
 ):
     """Program (b, h): backward-direction sweep (last chunk first) into ``ob_ref`` (fp32), then
     the forward-direction sweep, which adds it and writes ``out_scale * (o_f + o_b)``."""
-    x_s, y_s, z_s, c_s, o_s, ob_s, *operands, bars = scratch
+    x_s, y_s, z_s, g_s, o_s, ob_s, *operands, bars = scratch
     b, h = lax.axis_index("b"), lax.axis_index("h")
     dv, dk = operands[0].shape
 
-    def load(c, cum_ref):
+    s_smem, yd_smem, yr_smem, xr_smem, xg_smem, a_smem = operands
+
+    def load(c, gate_ref, forward):
         rows = pl.ds(c * CHUNK, CHUNK)
-        for i, (src, dst) in enumerate(((x_ref, x_s), (y_ref, y_s), (z_ref, z_s), (cum_ref, c_s))):
+        for i, (src, dst) in enumerate(((x_ref, x_s), (y_ref, y_s), (z_ref, z_s), (gate_ref, g_s))):
             plgpu.copy_gmem_to_smem(src.at[b, rows, h], dst, bars.at[i])
         for i in range(4):
             plgpu.barrier_wait(bars.at[i])
         x = _wg(x_s[...]).astype(jnp.float32)
         y = _wg(y_s[...]).astype(jnp.float32)
-        return x, y, _wg(c_s[...])
+        # (The operand buffers are free here: the previous chunk's wgmmas have completed.)
+        parts = (xr_smem.at[0], yr_smem.at[0], xg_smem)
+        cum = _cumsum_by_wgmma(_wg(g_s[...]), a_smem, parts, forward=forward, op_dtype=op_dtype)
+        return x, y, cum
 
     zero_state = jnp.zeros((dv, dk), jnp.float32)
     zero_state = plgpu.layout_cast(zero_state, plgpu.Layout.WGMMA)
 
     def backward_step(i, state):
         c = n_chunks - 1 - i
-        x, y, cum = load(c, cb_ref)
+        x, y, cum = load(c, gb_ref, forward=False)
         out, state = _direction_chunk(
             x, y, cum, z_s, state, operands, forward=False, op_dtype=op_dtype, sub=sub
         )
@@ -199,7 +239,7 @@ def _chunk_kernel(
     lax.fori_loop(0, n_chunks, backward_step, zero_state)
 
     def forward_step(c, state):
-        x, y, cum = load(c, cf_ref)
+        x, y, cum = load(c, gf_ref, forward=True)
         plgpu.copy_gmem_to_smem(ob_ref.at[b, pl.ds(c * CHUNK, CHUNK), h], ob_s, bars.at[4])
         out, state = _direction_chunk(
             x, y, cum, z_s, state, operands, forward=True, op_dtype=op_dtype, sub=sub
@@ -212,22 +252,6 @@ def _chunk_kernel(
         return state
 
     lax.fori_loop(0, n_chunks, forward_step, zero_state)
-
-
-def _chunk_cumsums(gf: jax.Array, gb: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Chunk-local inclusive cumulative log gates, fp32.
-
-    Args:
-      gf, gb: [B, Np, H, Dk] with Np a multiple of :data:`CHUNK`.
-
-    Returns:
-      (prefix sums of gf, suffix sums of gb) within each chunk, both [B, Np, H, Dk] fp32.
-    """
-    b, n, h, d = gf.shape
-    shape = (b, n // CHUNK, CHUNK, h, d)
-    cf = jnp.cumsum(gf.astype(jnp.float32).reshape(shape), axis=2)
-    cb = lax.cumsum(gb.astype(jnp.float32).reshape(shape), axis=2, reverse=True)
-    return cf.reshape(gf.shape), cb.reshape(gb.shape)
 
 
 def _pad_tokens(x: jax.Array, extra: int) -> jax.Array:
@@ -255,8 +279,8 @@ def bidirectional_chunked(
     op_dtype = x.dtype
     n_chunks = -(-n // CHUNK)
     n_pad = n_chunks * CHUNK
+    gf, gb = gf.astype(jnp.float32), gb.astype(jnp.float32)
     x, y, z, gf, gb = (_pad_tokens(a, n_pad - n) for a in (x, y, z, gf, gb))
-    cf, cb = _chunk_cumsums(gf, gb)
     kernel = functools.partial(
         _chunk_kernel, n_chunks=n_chunks, out_scale=out_scale, op_dtype=op_dtype, sub=sub
     )
@@ -266,7 +290,7 @@ def bidirectional_chunked(
         plgpu.SMEM((CHUNK, dk), op_dtype),  # x
         plgpu.SMEM((CHUNK, dk), op_dtype),  # y
         plgpu.SMEM((CHUNK, dv), op_dtype, transforms=kt),  # z
-        plgpu.SMEM((CHUNK, dk), jnp.float32),  # cumulative gates
+        plgpu.SMEM((CHUNK, dk), jnp.float32),  # log gates
         plgpu.SMEM((CHUNK, dv), out_dtype),  # output tile
         plgpu.SMEM((CHUNK, dv), jnp.float32),  # backward-direction output tile
         # wgmma operands (see _direction_chunk)
@@ -288,8 +312,189 @@ def bidirectional_chunked(
         grid=(bsz, h),
         grid_names=("b", "h"),
         interpret=interpret,
-    )(x, y, z, cf, cb)
+    )(x, y, z, gf, gb)
     return out[:, :n]
+
+
+def _gated_output_chunk(c, cum, a_smem, b_smem, state, scratch, *, forward, op_dtype, sub):
+    """One chunk of one direction of :func:`bidirectional_gated_output`.
+
+    Args:
+      c: [64, Dk] fp32 (wgmma layout): the gated-role rows of the chunk.
+      cum: [64, Dk] fp32 chunk-local cumulative log gate (prefix sums if ``forward``, suffix
+        sums otherwise).
+      a_smem, b_smem: SMEM [64, Dv] rows of the two score roles (operand dtype).
+      state: [Dv, Dk] fp32 state ``sum_s b_s (c_s e^{G_end - G_s})^T`` entering the chunk.
+      scratch: SMEM wgmma operands (operand dtype): the state [Dv, Dk], the decayed ``c`` of the
+        state update [64, Dk], the rescaled ``c`` [nsub, 64, Dk] and the row-block scores
+        [nsub, 64, 64] of the intra-chunk products.
+
+    Returns:
+      ([64, Dk] fp32 output of this direction, [Dv, Dk] fp32 state leaving the chunk).
+    """
+    h_smem, cd_smem, cr_smem, ar_smem = scratch
+    bt, dk = c.shape
+    dv = state.shape[0]
+    nsub = bt // sub
+    rows = _iota((bt, dk), 0)
+    ai, aj = _iota((bt, bt), 0), _iota((bt, bt), 1)
+
+    def raw_scores(acc):
+        plgpu.wgmma(acc, a_smem, b_smem.transpose((1, 0)))
+        return acc[...]
+
+    scores = pl.run_scoped(raw_scores, plgpu.ACC((bt, bt), jnp.float32))  # a_t . b_s
+    causal = aj < ai if forward else aj > ai  # strictly: the diagonal is added in XLA
+
+    # Per sub-block r: its rows of the causal scores, c rescaled to r's reference, and the
+    # output-side factor e^{G_t - ref_r} of its rows (accumulated into one [64, Dk] array).
+    def rescale(r, out_factor):
+        ref_row = r * sub - 1 if forward else (r + 1) * sub
+        ref = _bcast_row(_pick_row(cum, ref_row), (bt, dk))
+        keep = rows < (r + 1) * sub if forward else rows >= r * sub
+        expo = jnp.minimum(jnp.where(keep, ref - cum, -jnp.inf), CLAMP)
+        cr_smem[r] = (c * jnp.exp(expo)).astype(op_dtype)
+        block_rows = (ai >= r * sub) & (ai < (r + 1) * sub)
+        ar_smem[r] = jnp.where(block_rows & causal, scores, 0.0).astype(op_dtype)
+        in_block = (rows >= r * sub) & (rows < (r + 1) * sub)
+        return out_factor + jnp.where(in_block, jnp.exp(jnp.where(in_block, cum - ref, 0.0)), 0.0)
+
+    zero = plgpu.layout_cast(jnp.zeros((bt, dk), jnp.float32), plgpu.Layout.WGMMA)
+    out_factor = lax.fori_loop(0, nsub, rescale, zero)
+    last = _pick_row(cum, bt - 1 if forward else 0)  # [Dk] total log decay of the chunk
+    cd_smem[...] = (c * jnp.exp(_bcast_row(last, (bt, dk)) - cum)).astype(op_dtype)
+    h_smem[...] = state.astype(op_dtype)
+    plgpu.commit_smem()
+
+    def intra(acc):
+        for r in range(nsub):
+            plgpu.wgmma(acc, ar_smem.at[r], cr_smem.at[r])
+        return acc[...]
+
+    def inter(acc):
+        plgpu.wgmma(acc, a_smem, h_smem)
+        return acc[...]
+
+    def update(acc):
+        plgpu.wgmma(acc, b_smem.transpose((1, 0)), cd_smem)
+        return acc[...]
+
+    out = out_factor * pl.run_scoped(intra, plgpu.ACC((bt, dk), jnp.float32))
+    out = out + jnp.exp(cum) * pl.run_scoped(inter, plgpu.ACC((bt, dk), jnp.float32))
+    new = pl.run_scoped(update, plgpu.ACC((dv, dk), jnp.float32))
+    return out, state * _bcast_row(jnp.exp(last), (dv, dk)) + new
+
+
+def _gated_output_kernel(
+    a_ref,
+    b_ref,
+    c_ref,
+    gf_ref,
+    gb_ref,
+    of_ref,
+    ob_ref,
+    *scratch,
+    n_chunks,
+    out_scale,
+    **kw,
+):
+    """Program (b, h): the backward-direction sweep into ``ob_ref``, then the forward one into
+    ``of_ref`` (both fp32, times ``out_scale``)."""
+    a_s, b_s, c_s, g_s, o_s, *operands, bars = scratch
+    b, h = lax.axis_index("b"), lax.axis_index("h")
+    h_smem, cd_smem, cr_smem, ar_smem = operands
+    dv, dk = h_smem.shape
+
+    def load(chunk, gate_ref, forward):
+        rows = pl.ds(chunk * CHUNK, CHUNK)
+        pairs = ((a_ref, a_s), (b_ref, b_s), (c_ref, c_s), (gate_ref, g_s))
+        for i, (src, dst) in enumerate(pairs):
+            plgpu.copy_gmem_to_smem(src.at[b, rows, h], dst, bars.at[i])
+        for i in range(4):
+            plgpu.barrier_wait(bars.at[i])
+        c = _wg(c_s[...]).astype(jnp.float32)
+        parts = (cr_smem.at[0], cr_smem.at[1], cd_smem)
+        cum = _cumsum_by_wgmma(
+            _wg(g_s[...]), ar_smem.at[0], parts, forward=forward, op_dtype=kw["op_dtype"]
+        )
+        return c, cum
+
+    zero_state = plgpu.layout_cast(jnp.zeros((dv, dk), jnp.float32), plgpu.Layout.WGMMA)
+
+    def sweep(out_ref, gate_ref, forward):
+        def step(i, state):
+            chunk = i if forward else n_chunks - 1 - i
+            c, cum = load(chunk, gate_ref, forward)
+            out, state = _gated_output_chunk(
+                c, cum, a_s, b_s, state, operands, forward=forward, **kw
+            )
+            o_s[...] = out * out_scale
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_s, out_ref.at[b, pl.ds(chunk * CHUNK, CHUNK), h])
+            plgpu.wait_smem_to_gmem(0)
+            return state
+
+        lax.fori_loop(0, n_chunks, step, zero_state)
+
+    sweep(ob_ref, gb_ref, forward=False)
+    sweep(of_ref, gf_ref, forward=True)
+
+
+def bidirectional_gated_output(a, b, c, gf, gb, *, out_scale: float, interpret=False, sub=SUB):
+    """Both directions of a GLA whose gate sits on the *output* channels, on Mosaic GPU:
+
+        out_f[t] = sum_{s<t} (a_t . b_s) c_s * e^{F_t - F_s},
+        out_b[t] = sum_{s>t} (a_t . b_s) c_s * e^{B_t - B_s}
+
+    (``F``/``B``: prefix / suffix cumulative log gates, per channel of ``c``; the diagonal
+    ``s = t`` is left out). With ``(a, b, c) = (do, v, k)`` these are the two directions' ``dq``
+    without their diagonal terms; see :func:`_bwd` for ``dk``.
+
+    Args:
+      a, b: [B, N, H, Dv] score-role inputs (bf16 or f16).
+      c: [B, N, H, Dk] gated-role input (same dtype).
+      gf, gb: [B, N, H, Dk] per-token log gates (<= 0) of the two directions.
+      out_scale: factor applied to both outputs.
+      interpret: ``False``, or a ``plgpu.InterpretGPUParams`` to run on the CPU.
+      sub: rows per intra-chunk sub-block.
+
+    Returns:
+      (out_f, out_b): [B, N, H, Dk] fp32 each.
+    """
+    bsz, n, h, dv = a.shape
+    dk = c.shape[-1]
+    op_dtype = a.dtype
+    n_chunks = -(-n // CHUNK)
+    n_pad = n_chunks * CHUNK
+    gf, gb = gf.astype(jnp.float32), gb.astype(jnp.float32)
+    a, b, c, gf, gb = (_pad_tokens(x, n_pad - n) for x in (a, b, c, gf, gb))
+    kernel = functools.partial(
+        _gated_output_kernel, n_chunks=n_chunks, out_scale=out_scale, op_dtype=op_dtype, sub=sub
+    )
+    kt = _smem_transforms(dk, op_dtype)  # one swizzle for every wgmma operand
+    scratch = [
+        plgpu.SMEM((CHUNK, dv), op_dtype, transforms=kt),  # a
+        plgpu.SMEM((CHUNK, dv), op_dtype, transforms=kt),  # b
+        plgpu.SMEM((CHUNK, dk), op_dtype),  # c
+        plgpu.SMEM((CHUNK, dk), jnp.float32),  # log gates
+        plgpu.SMEM((CHUNK, dk), jnp.float32),  # output tile
+        # wgmma operands (see _gated_output_chunk)
+        plgpu.SMEM((dv, dk), op_dtype, transforms=kt),
+        plgpu.SMEM((CHUNK, dk), op_dtype, transforms=kt),
+        plgpu.SMEM((CHUNK // sub, CHUNK, dk), op_dtype, transforms=kt),
+        plgpu.SMEM((CHUNK // sub, CHUNK, CHUNK), op_dtype, transforms=kt),
+        plgpu.Barrier(num_barriers=4),
+    ]
+    out_type = jax.ShapeDtypeStruct((bsz, n_pad, h, dk), jnp.float32)
+    out_f, out_b = plgpu.kernel(
+        kernel,
+        out_type=(out_type, out_type),
+        scratch_types=scratch,
+        grid=(bsz, h),
+        grid_names=("b", "h"),
+        interpret=interpret,
+    )(a, b, c, gf, gb)
+    return out_f[:, :n], out_b[:, :n]
 
 
 def _shift_tokens(g: jax.Array, step: int) -> jax.Array:
@@ -308,12 +513,13 @@ def _operand_dtype(dtype):
     return dtype if dtype in _OPERAND_DTYPES else jnp.bfloat16
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _bigla(q, k, v, gf, gb, scale, interpret):
-    return _fwd(q, k, v, gf, gb, scale, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _bigla(q, k, v, gf, gb, scale, interpret, backward):
+    return _fwd(q, k, v, gf, gb, scale, interpret, backward)[0]
 
 
-def _fwd(q, k, v, gf, gb, scale, interpret):
+def _fwd(q, k, v, gf, gb, scale, interpret, backward):
+    del backward
     op = _operand_dtype(v.dtype)
     out = bidirectional_chunked(
         q.astype(op),
@@ -328,37 +534,63 @@ def _fwd(q, k, v, gf, gb, scale, interpret):
     return out, (q, k, v, gf, gb)
 
 
-def _bwd(scale, interpret, residuals, do):
-    """Cotangents of (q, k, v, gf, gb).
+def _bwd(scale, interpret, backward, residuals, do):
+    """Cotangents of (q, k, v, gf, gb): three Mosaic kernels plus two cumulative sums in XLA.
 
-    * ``dv`` is the Mosaic kernel again: ``dv_s = scale/2 sum_t A_ts do_t`` is the same op with
-      ``(x, y, z) = (k, q, do)``; the pair weights ``e^{sum gf over (s, t]}`` (t >= s) and
-      ``e^{sum gb over [t, s)}`` (t <= s) are its two directions with the gates shifted by one
-      token (``gb`` one step later, ``gf`` one step earlier).
-    * ``dq``, ``dk``, ``dgf``, ``dgb`` come from ``jax.vjp`` of the chunked XLA form with ``v``
-      held constant (so XLA does not compute ``dv`` a second time). They are not Mosaic kernels
-      (yet): ``dq_t = scale/2 sum_s (do_t . v_s) k_s * e^{G_t - G_s}`` carries the gate on the
-      *output* channel, which this key-gated kernel cannot express; it needs a second kernel
-      variant (gate applied to the wgmma result instead of its operands).
+    With ``A_ts`` the op's pair weights (``scale/2 (q_t . k_s) e^{...}``; ``e^{sum gf over
+    (s, t]}`` for t >= s, ``e^{sum gb over [t, s)}`` for t <= s):
+
+    * ``dv_s = sum_t A_ts do_t`` is :func:`bidirectional_chunked` with ``(x, y, z) = (k, q, do)``
+      and the gates shifted by one token (``gb`` one step later, ``gf`` one step earlier), so
+      that its two directions' weights are exactly the transposed pair weights.
+    * ``dq`` (per direction) is :func:`bidirectional_gated_output` with ``(a, b, c) =
+      (do, v, k)``; ``dk`` is the same kernel with ``(a, b, c) = (v, do, q)`` and the shifted
+      gates (its forward direction gives the op's backward-direction ``dk`` and vice versa).
+    * The kernels leave out the diagonal ``s = t``; XLA adds it exactly (fp32):
+      ``dq_t += scale (do_t . v_t) k_t`` and ``dk_t += scale (do_t . v_t) q_t`` (both directions).
+    * ``dgf = reverse-cumsum_t(q dq_f - k dk_f)``, ``dgb = cumsum_t(q dq_b - k dk_b)`` (each
+      direction's own parts; fp32, in XLA). The diagonal terms cancel exactly in these
+      differences, so they are left out of them; with them, their bf16 rounding errors (the
+      largest terms for steep gates) would not cancel and dg would lose a digit.
+
+    ``backward="xla"`` keeps only ``dv`` in Mosaic and takes ``dq, dk, dgf, dgb`` from
+    ``jax.vjp`` of the chunked XLA form (the slower reference path of the first version).
     """
-    from pallas_kernels.bigla import xla  # noqa: PLC0415  (only the backward needs it)
-
     q, k, v, gf, gb = residuals
     op = _operand_dtype(v.dtype)
+    later_gb, earlier_gf = _shift_tokens(gb, 1), _shift_tokens(gf, -1)
+    qo, ko, vo, doo = (x.astype(op) for x in (q, k, v, do))
     dv = bidirectional_chunked(
-        k.astype(op),
-        q.astype(op),
-        do.astype(op),
-        _shift_tokens(gb, 1),
-        _shift_tokens(gf, -1),
+        ko,
+        qo,
+        doo,
+        later_gb,
+        earlier_gf,
         out_scale=0.5 * scale,
         out_dtype=v.dtype,
         interpret=interpret,
     )
-    fn = lambda q_, k_, gf_, gb_: xla.bigla_xla(q_, k_, v, gf_, gb_, scale=scale)
-    _, vjp = jax.vjp(fn, q, k, gf, gb)
-    dq, dk, dgf, dgb = vjp(do.astype(v.dtype))
-    return dq, dk, dv, dgf, dgb
+    if backward == "xla":
+        from pallas_kernels.bigla import xla  # noqa: PLC0415  (only this path needs it)
+
+        fn = lambda q_, k_, gf_, gb_: xla.bigla_xla(q_, k_, v, gf_, gb_, scale=scale)
+        _, vjp = jax.vjp(fn, q, k, gf, gb)
+        dq, dk, dgf, dgb = vjp(do.astype(v.dtype))
+        return dq, dk, dv, dgf, dgb
+    kw = dict(out_scale=0.5 * scale, interpret=interpret)
+    dq_f, dq_b = bidirectional_gated_output(doo, vo, ko, gf, gb, **kw)
+    dk_b, dk_f = bidirectional_gated_output(vo, doo, qo, later_gb, earlier_gf, **kw)
+    q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
+    diag = scale * jnp.sum(do.astype(jnp.float32) * v.astype(jnp.float32), -1, keepdims=True)
+    dgf = lax.cumsum(q32 * dq_f - k32 * dk_f, axis=1, reverse=True)
+    dgb = lax.cumsum(q32 * dq_b - k32 * dk_b, axis=1)
+    return (
+        (dq_f + dq_b + diag * k32).astype(q.dtype),
+        (dk_f + dk_b + diag * q32).astype(k.dtype),
+        dv,
+        dgf.astype(gf.dtype),
+        dgb.astype(gb.dtype),
+    )
 
 
 _bigla.defvjp(_fwd, _bwd)
@@ -373,6 +605,7 @@ def bigla_mosaic(
     *,
     scale: float | None = None,
     interpret=False,
+    backward: str = "mosaic",
 ) -> jax.Array:
     """BiGLA with a Mosaic GPU (Hopper wgmma) kernel; differentiable (custom_vjp).
 
@@ -383,6 +616,8 @@ def bigla_mosaic(
       scale: query scale; ``Dk ** -0.5`` if None.
       interpret: False (run on an sm90 GPU), True or a ``plgpu.InterpretGPUParams`` (run the same
         kernel in Mosaic GPU interpret mode, e.g. on the CPU).
+      backward: "mosaic" (all five gradients from Mosaic kernels, see :func:`_bwd`) or "xla"
+        (only ``dv`` from Mosaic; ``dq, dk, dgf, dgb`` from ``jax.vjp`` of the XLA form).
 
     Returns:
       [B, N, H, Dv] in v's dtype: ``(o_fwd + o_bwd) / 2``.
@@ -400,4 +635,6 @@ def bigla_mosaic(
     if dv % 64:
         raise ValueError(f"Dv={dv}; the Mosaic GPU kernel needs Dv to be a multiple of 64")
     scale = dk**-0.5 if scale is None else float(scale)
-    return _bigla(q, k, v, gf, gb, scale, _interpret_params(interpret))
+    if backward not in _BACKWARDS:
+        raise ValueError(f"backward={backward!r}; expected one of {_BACKWARDS}")
+    return _bigla(q, k, v, gf, gb, scale, _interpret_params(interpret), backward)
