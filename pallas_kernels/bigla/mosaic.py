@@ -43,6 +43,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 CHUNK = 64  # tokens per chunk: one wgmma M tile
 SUB = 16  # rows per intra-chunk sub-block (one reference point each)
+SPLIT = True  # one program per (batch, head, direction)
 CLAMP = 60.0  # cap of the only positive exponents (inside SUB x SUB diagonal blocks)
 _OPERAND_DTYPES = (jnp.bfloat16, jnp.float16)
 _BACKWARDS = ("mosaic", "xla")
@@ -198,15 +199,21 @@ def _cumsum_by_wgmma(g, tri_smem, part_smems, *, forward, op_dtype):
 
 
 def _chunk_kernel(
-    x_ref, y_ref, z_ref, gf_ref, gb_ref, o_ref, ob_ref, *scratch, n_chunks, out_scale, op_dtype, sub
+    x_ref, y_ref, z_ref, gf_ref, gb_ref, *refs, n_chunks, out_scale, op_dtype, sub, split
 ):
-    """Program (b, h): backward-direction sweep (last chunk first) into ``ob_ref`` (fp32), then
-    the forward-direction sweep, which adds it and writes ``out_scale * (o_f + o_b)``."""
-    x_s, y_s, z_s, g_s, o_s, ob_s, *operands, bars = scratch
-    b, h = lax.axis_index("b"), lax.axis_index("h")
-    dv, dk = operands[0].shape
+    """Program (b, h[, direction]): the sweeps of :func:`bidirectional_chunked`.
 
+    Not ``split``: the backward-direction sweep (last chunk first) into ``ob_ref`` (fp32), then
+    the forward-direction sweep, which adds it and writes ``out_scale * (o_f + o_b)`` to
+    ``o_ref``. ``split``: program ``direction`` 0 runs the backward sweep into ``ob_ref``, 1 the
+    forward sweep into ``o_ref`` (both fp32, unscaled), twice the programs at half the length.
+    """
+    o_ref, ob_ref, x_s, y_s, z_s, g_s, *stages = refs[:-7]
+    operands, bars = refs[-7:-1], refs[-1]
+    ob_s = stages[-1]  # fp32 [64, Dv] output tile
+    b, h = lax.axis_index("b"), lax.axis_index("h")
     s_smem, yd_smem, yr_smem, xr_smem, xg_smem, a_smem = operands
+    dv, dk = s_smem.shape
 
     def load(c, gate_ref, forward):
         rows = pl.ds(c * CHUNK, CHUNK)
@@ -224,19 +231,29 @@ def _chunk_kernel(
     zero_state = jnp.zeros((dv, dk), jnp.float32)
     zero_state = plgpu.layout_cast(zero_state, plgpu.Layout.WGMMA)
 
-    def backward_step(i, state):
-        c = n_chunks - 1 - i
-        x, y, cum = load(c, gb_ref, forward=False)
-        out, state = _direction_chunk(
-            x, y, cum, z_s, state, operands, forward=False, op_dtype=op_dtype, sub=sub
-        )
-        ob_s[...] = out
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(ob_s, ob_ref.at[b, pl.ds(c * CHUNK, CHUNK), h])
-        plgpu.wait_smem_to_gmem(0)
-        return state
+    def sweep_to_fp32(out_ref, gate_ref, forward):
+        def step(i, state):
+            c = i if forward else n_chunks - 1 - i
+            x, y, cum = load(c, gate_ref, forward=forward)
+            out, state = _direction_chunk(
+                x, y, cum, z_s, state, operands, forward=forward, op_dtype=op_dtype, sub=sub
+            )
+            ob_s[...] = out
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(ob_s, out_ref.at[b, pl.ds(c * CHUNK, CHUNK), h])
+            plgpu.wait_smem_to_gmem(0)
+            return state
 
-    lax.fori_loop(0, n_chunks, backward_step, zero_state)
+        lax.fori_loop(0, n_chunks, step, zero_state)
+
+    if split:
+        direction = lax.axis_index("d")
+        pl.when(direction == 0)(lambda: sweep_to_fp32(ob_ref, gb_ref, forward=False))
+        pl.when(direction == 1)(lambda: sweep_to_fp32(o_ref, gf_ref, forward=True))
+        return
+
+    o_s = stages[0]  # output tile in the output dtype
+    sweep_to_fp32(ob_ref, gb_ref, forward=False)
 
     def forward_step(c, state):
         x, y, cum = load(c, gf_ref, forward=True)
@@ -259,7 +276,17 @@ def _pad_tokens(x: jax.Array, extra: int) -> jax.Array:
 
 
 def bidirectional_chunked(
-    x, y, z, gf, gb, *, out_scale: float, out_dtype, interpret=False, sub: int = SUB
+    x,
+    y,
+    z,
+    gf,
+    gb,
+    *,
+    out_scale: float,
+    out_dtype,
+    interpret=False,
+    sub: int = SUB,
+    split: bool = SPLIT,
 ):
     """``out_scale * (forward + backward GLA)`` with key-channel gates, on Mosaic GPU.
 
@@ -270,6 +297,9 @@ def bidirectional_chunked(
       out_scale: factor applied to the sum of the two directions.
       out_dtype: dtype of the result.
       interpret: ``False``, or a ``plgpu.InterpretGPUParams`` to run on the CPU.
+      sub: rows per intra-chunk sub-block.
+      split: one program per (batch, head, direction), the two fp32 halves summed by XLA; else
+        one program per (batch, head) runs both directions.
 
     Returns:
       [B, N, H, Dv] in ``out_dtype``.
@@ -282,17 +312,24 @@ def bidirectional_chunked(
     gf, gb = gf.astype(jnp.float32), gb.astype(jnp.float32)
     x, y, z, gf, gb = (_pad_tokens(a, n_pad - n) for a in (x, y, z, gf, gb))
     kernel = functools.partial(
-        _chunk_kernel, n_chunks=n_chunks, out_scale=out_scale, op_dtype=op_dtype, sub=sub
+        _chunk_kernel,
+        n_chunks=n_chunks,
+        out_scale=out_scale,
+        op_dtype=op_dtype,
+        sub=sub,
+        split=split,
     )
     # One swizzle for every wgmma operand: Mosaic GPU wants A's and B's tilings to match.
     kt = _smem_transforms(dk, op_dtype)
+    stages = [plgpu.SMEM((CHUNK, dv), jnp.float32)]  # fp32 output tile
+    if not split:
+        stages.insert(0, plgpu.SMEM((CHUNK, dv), out_dtype))  # output tile
     scratch = [
         plgpu.SMEM((CHUNK, dk), op_dtype),  # x
         plgpu.SMEM((CHUNK, dk), op_dtype),  # y
         plgpu.SMEM((CHUNK, dv), op_dtype, transforms=kt),  # z
         plgpu.SMEM((CHUNK, dk), jnp.float32),  # log gates
-        plgpu.SMEM((CHUNK, dv), out_dtype),  # output tile
-        plgpu.SMEM((CHUNK, dv), jnp.float32),  # backward-direction output tile
+        *stages,
         # wgmma operands (see _direction_chunk)
         plgpu.SMEM((dv, dk), op_dtype, transforms=kt),
         plgpu.SMEM((CHUNK, dk), op_dtype, transforms=kt),
@@ -302,18 +339,19 @@ def bidirectional_chunked(
         plgpu.SMEM((CHUNK, CHUNK), op_dtype, transforms=kt),
         plgpu.Barrier(num_barriers=5),
     ]
-    out, _ = plgpu.kernel(
+    fp32_out = jax.ShapeDtypeStruct((bsz, n_pad, h, dv), jnp.float32)
+    first_out = fp32_out if split else jax.ShapeDtypeStruct((bsz, n_pad, h, dv), out_dtype)
+    o, ob = plgpu.kernel(
         kernel,
-        out_type=(
-            jax.ShapeDtypeStruct((bsz, n_pad, h, dv), out_dtype),
-            jax.ShapeDtypeStruct((bsz, n_pad, h, dv), jnp.float32),
-        ),
+        out_type=(first_out, fp32_out),
         scratch_types=scratch,
-        grid=(bsz, h),
-        grid_names=("b", "h"),
+        grid=(bsz, h, 2) if split else (bsz, h),
+        grid_names=("b", "h", "d") if split else ("b", "h"),
         interpret=interpret,
     )(x, y, z, gf, gb)
-    return out[:, :n]
+    if split:
+        o = ((o[:, :n] + ob[:, :n]) * out_scale).astype(out_dtype)
+    return o[:, :n]
 
 
 def _gated_output_chunk(c, cum, a_smem, b_smem, state, scratch, *, forward, op_dtype, sub):
@@ -396,10 +434,11 @@ def _gated_output_kernel(
     *scratch,
     n_chunks,
     out_scale,
+    split,
     **kw,
 ):
-    """Program (b, h): the backward-direction sweep into ``ob_ref``, then the forward one into
-    ``of_ref`` (both fp32, times ``out_scale``)."""
+    """Program (b, h[, direction]): the backward-direction sweep into ``ob_ref`` and the forward
+    one into ``of_ref`` (both fp32, times ``out_scale``); with ``split`` one of them."""
     a_s, b_s, c_s, g_s, o_s, *operands, bars = scratch
     b, h = lax.axis_index("b"), lax.axis_index("h")
     h_smem, cd_smem, cr_smem, ar_smem = operands
@@ -436,11 +475,18 @@ def _gated_output_kernel(
 
         lax.fori_loop(0, n_chunks, step, zero_state)
 
-    sweep(ob_ref, gb_ref, forward=False)
-    sweep(of_ref, gf_ref, forward=True)
+    if split:
+        direction = lax.axis_index("d")
+        pl.when(direction == 0)(lambda: sweep(ob_ref, gb_ref, forward=False))
+        pl.when(direction == 1)(lambda: sweep(of_ref, gf_ref, forward=True))
+    else:
+        sweep(ob_ref, gb_ref, forward=False)
+        sweep(of_ref, gf_ref, forward=True)
 
 
-def bidirectional_gated_output(a, b, c, gf, gb, *, out_scale: float, interpret=False, sub=SUB):
+def bidirectional_gated_output(
+    a, b, c, gf, gb, *, out_scale: float, interpret=False, sub=SUB, split=SPLIT
+):
     """Both directions of a GLA whose gate sits on the *output* channels, on Mosaic GPU:
 
         out_f[t] = sum_{s<t} (a_t . b_s) c_s * e^{F_t - F_s},
@@ -457,6 +503,7 @@ def bidirectional_gated_output(a, b, c, gf, gb, *, out_scale: float, interpret=F
       out_scale: factor applied to both outputs.
       interpret: ``False``, or a ``plgpu.InterpretGPUParams`` to run on the CPU.
       sub: rows per intra-chunk sub-block.
+      split: one program per (batch, head, direction); else one per (batch, head).
 
     Returns:
       (out_f, out_b): [B, N, H, Dk] fp32 each.
@@ -469,7 +516,12 @@ def bidirectional_gated_output(a, b, c, gf, gb, *, out_scale: float, interpret=F
     gf, gb = gf.astype(jnp.float32), gb.astype(jnp.float32)
     a, b, c, gf, gb = (_pad_tokens(x, n_pad - n) for x in (a, b, c, gf, gb))
     kernel = functools.partial(
-        _gated_output_kernel, n_chunks=n_chunks, out_scale=out_scale, op_dtype=op_dtype, sub=sub
+        _gated_output_kernel,
+        n_chunks=n_chunks,
+        out_scale=out_scale,
+        split=split,
+        op_dtype=op_dtype,
+        sub=sub,
     )
     kt = _smem_transforms(dk, op_dtype)  # one swizzle for every wgmma operand
     scratch = [
@@ -490,8 +542,8 @@ def bidirectional_gated_output(a, b, c, gf, gb, *, out_scale: float, interpret=F
         kernel,
         out_type=(out_type, out_type),
         scratch_types=scratch,
-        grid=(bsz, h),
-        grid_names=("b", "h"),
+        grid=(bsz, h, 2) if split else (bsz, h),
+        grid_names=("b", "h", "d") if split else ("b", "h"),
         interpret=interpret,
     )(a, b, c, gf, gb)
     return out_f[:, :n], out_b[:, :n]
@@ -582,8 +634,11 @@ def _bwd(scale, interpret, backward, residuals, do):
     dk_b, dk_f = bidirectional_gated_output(vo, doo, qo, later_gb, earlier_gf, **kw)
     q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
     diag = scale * jnp.sum(do.astype(jnp.float32) * v.astype(jnp.float32), -1, keepdims=True)
-    dgf = lax.cumsum(q32 * dq_f - k32 * dk_f, axis=1, reverse=True)
-    dgb = lax.cumsum(q32 * dq_b - k32 * dk_b, axis=1)
+    # q and k as the kernels saw them: then the sums of q dq and k dk over all tokens cancel
+    # exactly as they do in exact arithmetic (dgf[0] = dgb[-1] = 0).
+    qk, kk = qo.astype(jnp.float32), ko.astype(jnp.float32)
+    dgf = lax.cumsum(qk * dq_f - kk * dk_f, axis=1, reverse=True)
+    dgb = lax.cumsum(qk * dq_b - kk * dk_b, axis=1)
     return (
         (dq_f + dq_b + diag * k32).astype(q.dtype),
         (dk_f + dk_b + diag * q32).astype(k.dtype),
