@@ -11,14 +11,20 @@ device memory. The sequence is cut into chunks of ``BT`` tokens (FLA's ``chunk``
   the state entering every segment by a tiny kernel, and added back per chunk.
 * **chunk** (one program per batch, head and chunk, fully parallel): the forward writes the
   output rows of the chunk once (intra-chunk part of both directions + both inter-chunk
-  parts); the backward writes dq, dk, dv and both gate gradients of the chunk once.
+  parts). The backward is split in two kernels so that few [BT, D] tiles are live at once
+  (register spills dominated a single kernel): ``bigla_backward_dq`` writes dq and q*dq per
+  direction; ``bigla_backward_dkv`` writes dk, dv and both gate gradients (in place of the
+  q*dq buffers). With ``Config.save_states`` the backward reuses the forward's state carries
+  and its state kernel only carries the two state gradients.
 
-Inside a chunk (64 rows = 4 sub-chunks of 16): scores between different sub-chunks are tensor
-core products of gate-rescaled operands around the sub-chunk boundary; inside a sub-chunk they
-are exact elementwise products (one key row of every sub-chunk per step). Every exponent is
-<= 0 (masked before ``exp``) and is built from sums of gates within one sub-chunk plus whole
-sub-chunk totals, with the exponents of neighbouring tokens exactly the gate in between, so
-fp32 keeps the digits that the gate gradients of steep gates need.
+Inside a chunk (e.g. 32 rows = 2 sub-chunks of 16): scores between different sub-chunks are
+tensor core products of gate-rescaled operands around the sub-chunk boundary; inside a
+sub-chunk they are exact elementwise products (one key row of every sub-chunk per step),
+collected into the chunk's score matrix so that they meet v (or do) in one product. Every
+exponent is <= 0 (masked before ``exp``) and is built from sums of gates within one sub-chunk
+plus whole sub-chunk totals, with the exponents of neighbouring tokens exactly the gate in
+between, so fp32 keeps the digits that the gate gradients of steep gates need. A chunk of 16
+rows is one sub-chunk: its in-sub-chunk loops read one row per step (no gathers).
 
 Gate gradients follow FLA's chunk decomposition (no sequence-long cumulative sum): cumulative
 sums of ``q*dq - k*dk`` over the chunk's rows (without each token's own pair, whose two terms
@@ -456,12 +462,13 @@ def _states_kernel(*refs, dims: _Dims, names: tuple[str, ...]):
             carry_refs[idx][chunk_of(name), :, :] = states[idx].astype(carry_refs[idx].dtype)
             if segmented:  # log decay from the segment's edge to the chunk
                 log_refs[idx][chunk_of(name), :] = logs[idx]
-        left, right = load(c_l), load(c_r)
-        new_states, new_logs = [], []
-        for idx, name in enumerate(names):
-            x, total = step(name, states[idx], left if _CARRY_WALKS[name][0] else right)
-            new_states.append(x)
-            new_logs.append(logs[idx] + total)
+        new_states, new_logs = list(states), list(logs)
+        for from_left, c in ((True, c_l), (False, c_r)):  # one chunk's values live at a time
+            chunk = load(c)
+            for idx, name in enumerate(names):
+                if _CARRY_WALKS[name][0] == from_left:
+                    new_states[idx], total = step(name, states[idx], chunk)
+                    new_logs[idx] = logs[idx] + total
         return tuple(new_states), tuple(new_logs)
 
     zero_s = jnp.zeros((dims.dk, dims.dv), jnp.float32)
@@ -539,63 +546,39 @@ def _forward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, *refs, dims: _Dims):
     _store_chunk_rows(o_ref, c, dims, o * (0.5 * dims.scale))
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims: _Dims):
-    """All five gradients of one chunk's rows (see the module docstring).
+def _backward_dq_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims: _Dims):
+    """dq of one chunk's rows, and q * dq per direction for the gate gradients.
 
-    Ordered to keep few [BT, D] values live: the carries are consumed first (into the
-    inter-chunk terms and the gate gradients' cross terms), dq is finished and stored after
-    the first in-sub-chunk loop, dk and dv after the second.
+    The first of the two backward chunk kernels (split to keep few [BT, D] values live):
+    inter-chunk and off-diagonal terms first, then the in-sub-chunk loop, so that little
+    besides the loop's own values is live across it.
     """
-    carry_refs, refs = refs[:4], refs[4:]
+    carry_refs, refs = refs[:2], refs[2:]
     seg_refs = None
     if dims.ns > 1:
-        seg_refs, refs = (refs[:4], refs[4:8]), refs[8:]
-    dq_ref, dk_ref, dv_ref, dgf_ref, dgb_ref = refs
+        seg_refs, refs = (refs[:2], refs[2:4]), refs[4:]
+    dq_ref, qdq_f_ref, qdq_b_ref = refs
     c = pl.program_id(2)
-    q32 = _load_chunk_rows(q_ref, c, dims)
     k32 = _load_chunk_rows(k_ref, c, dims)
     v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
     do = _load_chunk_rows(do_ref, c, dims) * (0.5 * dims.scale)
     g = _gates(_load_chunk_rows(gf_ref, c, dims), _load_chunk_rows(gb_ref, c, dims), dims)
-    h_f, h_b, d_f, d_b = _carries_of_chunk(c, carry_refs, seg_refs, dims)
-    sub = _iota((dims.bt, 1), 0) // SUB
+    da = _mm_nt(do, v, dims)  # [BT, BT]: d score[r, s]
 
-    # Inter-chunk terms, and the gate gradients' parts that need the carries (module
-    # docstring): the key-side inter terms enter as prefix / suffix sums, plus the cross terms.
-    e_kf, e_kb = jnp.exp(g.kf), jnp.exp(g.kb)
+    # Inter-chunk terms, then the off-diagonal sub-blocks.
+    h_f, h_b = _carries_of_chunk(c, carry_refs, seg_refs, dims)
     dq_f = _mm_nt(do, h_f, dims) * jnp.exp(g.qf)
     dq_b = _mm_nt(do, h_b, dims) * jnp.exp(g.qb)
-    dk_f_inter = _mm_nt(v, d_f, dims) * e_kf
-    dk_b_inter = _mm_nt(v, d_b, dims) * e_kb
-    dv = _mm(k32 * e_kf, d_f, dims) + _mm(k32 * e_kb, d_b, dims)
-    b_f = k32 * dk_f_inter
-    b_b = k32 * dk_b_inter
-    cross_f = jnp.exp(g.total_f) * jnp.sum(h_f * d_f, axis=1)
-    cross_b = jnp.exp(g.total_b) * jnp.sum(h_b * d_b, axis=1)
-    dgf = jnp.cumsum(b_f, axis=0) - b_f + cross_f[None, :]
-    dgb = jnp.sum(b_b, axis=0) - jnp.cumsum(b_b, axis=0) + cross_b[None, :]
-    dk_inter = dk_f_inter + dk_b_inter
-
-    # Off-diagonal sub-blocks. at[s, r] is the score of query r and key s (transposed).
-    da = _mm_nt(do, v, dims)  # [BT, BT]: d score[r, s]
-    at = jnp.zeros((dims.bt, dims.bt), jnp.float32)
-    dk_f = jnp.zeros_like(k32)  # intra-chunk, strictly off the token's own pair
-    dk_b = jnp.zeros_like(k32)
+    sub = _iota((dims.bt, 1), 0) // SUB
     e_pf, e_sb = jnp.exp(g.pf), jnp.exp(g.sb)
     for direction, i, key_factor in _boundary_factors(g, dims):
-        fwd = direction == "f"
-        query = jnp.where(sub == i, q32 * (e_pf if fwd else e_sb), 0.0)
-        key = k32 * key_factor
-        at += _mm_nt(key, query, dims)
-        dq_i = jnp.where(sub == i, _mm(da, key, dims) * (e_pf if fwd else e_sb), 0.0)
-        dk_i = _mm_tn(da, query, dims) * key_factor
-        if fwd:
-            dq_f, dk_f = dq_f + dq_i, dk_f + dk_i
+        if direction == "f":
+            dq_f += jnp.where(sub == i, _mm(da, k32 * key_factor, dims) * e_pf, 0.0)
         else:
-            dq_b, dk_b = dq_b + dq_i, dk_b + dk_i
+            dq_b += jnp.where(sub == i, _mm(da, k32 * key_factor, dims) * e_sb, 0.0)
+    own = 2.0 * jnp.sum(do * v.astype(jnp.float32), axis=1, keepdims=True)  # both directions
 
-    # Diagonal sub-blocks, exact. Step j: row j of every sub-chunk as the key of dq's pairs
-    # (first loop) and as the query of dk's and dv's pairs (second loop).
+    # Diagonal sub-blocks, exact. Step j: row j of every sub-chunk as the key.
     def dq_column(j, carry):
         dq_f, dq_b, prefix_f, prefix_b = carry
         prefix_f = prefix_f + _load_sub_row(gf_ref, c, j, dims)
@@ -608,13 +591,64 @@ def _backward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims: _
 
     zero = _prefix_init(dims)
     dq_f, dq_b, _, _ = lax.fori_loop(0, SUB, dq_column, (dq_f, dq_b, zero, zero))
-    own = 2.0 * jnp.sum(do * v.astype(jnp.float32), axis=1, keepdims=True)  # both directions
     _store_chunk_rows(dq_ref, c, dims, dq_f + dq_b + own * k32)
-    a_f = q32 * dq_f
-    a_b = q32 * dq_b
+    q32 = _load_chunk_rows(q_ref, c, dims)
+    _store_chunk_rows(qdq_f_ref, c, dims, q32 * dq_f)
+    _store_chunk_rows(qdq_b_ref, c, dims, q32 * dq_b)
 
+
+def _backward_dkv_kernel(
+    q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, qdq_f_ref, qdq_b_ref, *refs, dims: _Dims
+):
+    """dk, dv and both gate gradients of one chunk's rows (second backward chunk kernel).
+
+    Gate gradients (module docstring), the token's own pair left out: with a = q*dq - k*dk
+    of the intra-chunk pairs and b = k*dk of the inter-chunk key terms, per direction
+    dgf = suffix-sum(a_f) + exclusive prefix-sum(b_f) + cross_f and
+    dgb = prefix-sum(a_b) + exclusive suffix-sum(b_b) + cross_b, one cumulative sum each.
+    """
+    carry_refs, refs = refs[:4], refs[4:]
+    seg_refs = None
+    if dims.ns > 1:
+        seg_refs, refs = (refs[:4], refs[4:8]), refs[8:]
+    dk_ref, dv_ref, dgf_ref, dgb_ref = refs
+    c = pl.program_id(2)
+    q32 = _load_chunk_rows(q_ref, c, dims)
+    k32 = _load_chunk_rows(k_ref, c, dims)
+    v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
+    do = _load_chunk_rows(do_ref, c, dims) * (0.5 * dims.scale)
+    g = _gates(_load_chunk_rows(gf_ref, c, dims), _load_chunk_rows(gb_ref, c, dims), dims)
     dat = _mm_nt(v, do, dims)  # [BT, BT]: d score[r, s] at [s, r]
 
+    # Inter-chunk terms: dv's, and dk's as part of the output (dk_inter) and of the gate
+    # gradients (b = k * dk per direction), with the cross terms.
+    h_f, h_b, d_f, d_b = _carries_of_chunk(c, carry_refs, seg_refs, dims)
+    e_kf, e_kb = jnp.exp(g.kf), jnp.exp(g.kb)
+    dk_f_inter = _mm_nt(v, d_f, dims) * e_kf
+    dk_b_inter = _mm_nt(v, d_b, dims) * e_kb
+    dv = _mm(k32 * e_kf, d_f, dims) + _mm(k32 * e_kb, d_b, dims)
+    own = 2.0 * jnp.sum(do * v.astype(jnp.float32), axis=1, keepdims=True)  # both directions
+    dk_rest = dk_f_inter + dk_b_inter + own * q32
+    b_f = k32 * dk_f_inter
+    b_b = k32 * dk_b_inter
+    cross_f = jnp.exp(g.total_f) * jnp.sum(h_f * d_f, axis=1)
+    cross_b = jnp.exp(g.total_b) * jnp.sum(h_b * d_b, axis=1)
+
+    # Off-diagonal sub-blocks; at[s, r] collects the score of query r and key s.
+    sub = _iota((dims.bt, 1), 0) // SUB
+    e_pf, e_sb = jnp.exp(g.pf), jnp.exp(g.sb)
+    at = jnp.zeros((dims.bt, dims.bt), jnp.float32)
+    dk_f = jnp.zeros_like(k32)  # intra-chunk, strictly off the token's own pair
+    dk_b = jnp.zeros_like(k32)
+    for direction, i, key_factor in _boundary_factors(g, dims):
+        query = jnp.where(sub == i, q32 * (e_pf if direction == "f" else e_sb), 0.0)
+        at += _mm_nt(k32 * key_factor, query, dims)
+        if direction == "f":
+            dk_f += _mm(dat, query, dims) * key_factor
+        else:
+            dk_b += _mm(dat, query, dims) * key_factor
+
+    # Diagonal sub-blocks, exact. Step j: row j of every sub-chunk as the query.
     def dk_column(j, carry):
         dk_f, dk_b, at, prefix_f, prefix_b = carry
         prefix_f = prefix_f + _load_sub_row(gf_ref, c, j, dims)
@@ -629,15 +663,16 @@ def _backward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims: _
         at = _place_own_block_column(at, score, j)
         return dk_f, dk_b, at, prefix_f, prefix_b + _load_sub_row(gb_ref, c, j, dims)
 
+    zero = _prefix_init(dims)
     dk_f, dk_b, at, _, _ = lax.fori_loop(0, SUB, dk_column, (dk_f, dk_b, at, zero, zero))
-    _store_chunk_rows(dk_ref, c, dims, dk_f + dk_b + dk_inter + own * q32)
     _store_chunk_rows(dv_ref, c, dims, dv + _mm(at, do, dims))
-
-    # Gate gradients (see the module docstring); the token's own pair is left out.
-    a_f -= k32 * dk_f
-    a_b -= k32 * dk_b
-    dgf += jnp.sum(a_f, axis=0) - jnp.cumsum(a_f, axis=0) + a_f
-    dgb += jnp.cumsum(a_b, axis=0)
+    _store_chunk_rows(dk_ref, c, dims, dk_f + dk_b + dk_rest)
+    a_f = _load_chunk_rows(qdq_f_ref, c, dims) - k32 * dk_f
+    a_b = _load_chunk_rows(qdq_b_ref, c, dims) - k32 * dk_b
+    x_f = b_f - a_f
+    x_b = a_b - b_b
+    dgf = jnp.sum(a_f, axis=0) + jnp.cumsum(x_f, axis=0) - x_f + cross_f[None, :]
+    dgb = jnp.sum(b_b, axis=0) + jnp.cumsum(x_b, axis=0) + cross_b[None, :]
     _store_chunk_rows(dgf_ref, c, dims, dgf)
     _store_chunk_rows(dgb_ref, c, dims, dgb)
 
@@ -761,24 +796,39 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool,
         carries = saved[0] + carries
         if seg is not None:
             seg = (saved[1][0] + seg[0], saved[1][1] + seg[1])
-    specs, arrays = _chunk_specs(carries, seg, dims)
-    out_shape = [
-        jax.ShapeDtypeStruct(q.shape, q.dtype),
-        jax.ShapeDtypeStruct(k.shape, k.dtype),
-        jax.ShapeDtypeStruct(v.shape, v.dtype),
-        jax.ShapeDtypeStruct(gf.shape, jnp.float32),
-        jax.ShapeDtypeStruct(gb.shape, jnp.float32),
-    ]
-    dq, dk, dv, dgf, dgb = pl.pallas_call(
-        functools.partial(_backward_kernel, dims=dims),
-        out_shape=out_shape,
+    seq_specs = [_seq_spec(dims, x.shape[-1]) for x in args]
+    specs, arrays = _chunk_specs(
+        carries[:2], None if seg is None else (seg[0][:2], seg[1][:2]), dims
+    )
+    f32_like = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    dq, qdq_f, qdq_b = pl.pallas_call(
+        functools.partial(_backward_dq_kernel, dims=dims),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), f32_like(q), f32_like(q)],
         grid=(b, h, dims.nc),
-        in_specs=[_seq_spec(dims, x.shape[-1]) for x in args] + specs,
-        out_specs=[_seq_spec(dims, x.shape[-1]) for x in (q, k, v, gf, gb)],
+        in_specs=seq_specs + specs,
+        out_specs=[_seq_spec(dims, dims.dk)] * 3,
         compiler_params=_params(config.num_warps, config),
         interpret=interpret,
-        name="bigla_backward",
+        name="bigla_backward_dq",
     )(*args, *arrays)
+    specs, arrays = _chunk_specs(carries, seg, dims)
+    n_in = len(args) + 2
+    dk, dv, dgf, dgb = pl.pallas_call(
+        functools.partial(_backward_dkv_kernel, dims=dims),
+        out_shape=[
+            jax.ShapeDtypeStruct(k.shape, k.dtype),
+            jax.ShapeDtypeStruct(v.shape, v.dtype),
+            f32_like(gf),
+            f32_like(gb),
+        ],
+        grid=(b, h, dims.nc),
+        in_specs=seq_specs + [_seq_spec(dims, dims.dk)] * 2 + specs,
+        out_specs=[_seq_spec(dims, x.shape[-1]) for x in (k, v, gf, gb)],
+        input_output_aliases={n_in - 2: 2, n_in - 1: 3},  # q*dq buffers become dgf, dgb
+        compiler_params=_params(config.num_warps, config),
+        interpret=interpret,
+        name="bigla_backward_dkv",
+    )(*args, qdq_f, qdq_b, *arrays)
     return dq, dk, dv, dgf.astype(gf.dtype), dgb.astype(gb.dtype)
 
 
