@@ -146,21 +146,17 @@ def _direction_chunk(x, y, cum, z_smem, state, scratch, *, forward, op_dtype, su
     a_smem[...] = a.astype(op_dtype)
     plgpu.commit_smem()
 
-    # Output: inter (x e^{G}) S + intra A z.
-    def output(acc):
-        plgpu.wgmma(acc, xg_smem, s_smem.transpose((1, 0)))
-        plgpu.wgmma(acc, a_smem, z_smem)
-        return acc[...]
-
-    out = pl.run_scoped(output, plgpu.ACC((bt, dv), jnp.float32))
-
-    # State: S^T <- S^T e^{last} + z^T (y e^{last - G}).
-    def update(acc):
-        plgpu.wgmma(acc, z_smem.transpose((1, 0)), yd_smem)
-        return acc[...]
+    # Output: inter (x e^{G}) S + intra A z; state: S^T <- S^T e^{last} + z^T (y e^{last - G}).
+    # Both in one scope: one wait for all four wgmmas.
+    def products(out_acc, update_acc):
+        plgpu.wgmma(out_acc, xg_smem, s_smem.transpose((1, 0)))
+        plgpu.wgmma(out_acc, a_smem, z_smem)
+        plgpu.wgmma(update_acc, z_smem.transpose((1, 0)), yd_smem)
+        return out_acc[...], update_acc[...]
 
     # (Not ``pl.run_state(update)(plgpu.ACC.init(decayed))``: interpret mode cannot run that.)
-    new = pl.run_scoped(update, plgpu.ACC((dv, dk), jnp.float32))
+    accs = (plgpu.ACC((bt, dv), jnp.float32), plgpu.ACC((dv, dk), jnp.float32))
+    out, new = pl.run_scoped(products, *accs)
     return out, state * _bcast_row(jnp.exp(last), (dv, dk)) + new
 
 
@@ -364,8 +360,8 @@ def _gated_output_chunk(c, cum, a_smem, b_smem, state, scratch, *, forward, op_d
       a_smem, b_smem: SMEM [64, Dv] rows of the two score roles (operand dtype).
       state: [Dv, Dk] fp32 state ``sum_s b_s (c_s e^{G_end - G_s})^T`` entering the chunk.
       scratch: SMEM wgmma operands (operand dtype): the state [Dv, Dk], the decayed ``c`` of the
-        state update [64, Dk], the rescaled ``c`` [nsub, 64, Dk] and the row-block scores
-        [nsub, 64, 64] of the intra-chunk products.
+        state update [64, Dk], the rescaled ``c`` [nsub, 64, Dk] and the causal scores
+        [64, 64] of the intra-chunk products.
 
     Returns:
       ([64, Dk] fp32 output of this direction, [Dv, Dk] fp32 state leaving the chunk).
@@ -384,16 +380,14 @@ def _gated_output_chunk(c, cum, a_smem, b_smem, state, scratch, *, forward, op_d
     scores = pl.run_scoped(raw_scores, plgpu.ACC((bt, bt), jnp.float32))  # a_t . b_s
     causal = aj < ai if forward else aj > ai  # strictly: the diagonal is added in XLA
 
-    # Per sub-block r: its rows of the causal scores, c rescaled to r's reference, and the
-    # output-side factor e^{G_t - ref_r} of its rows (accumulated into one [64, Dk] array).
+    # Per sub-block r: c rescaled to r's reference, and the output-side factor e^{G_t - ref_r}
+    # of r's rows (accumulated into one [64, Dk] array).
     def rescale(r, out_factor):
         ref_row = r * sub - 1 if forward else (r + 1) * sub
         ref = _bcast_row(_pick_row(cum, ref_row), (bt, dk))
         keep = rows < (r + 1) * sub if forward else rows >= r * sub
         expo = jnp.minimum(jnp.where(keep, ref - cum, -jnp.inf), CLAMP)
         cr_smem[r] = (c * jnp.exp(expo)).astype(op_dtype)
-        block_rows = (ai >= r * sub) & (ai < (r + 1) * sub)
-        ar_smem[r] = jnp.where(block_rows & causal, scores, 0.0).astype(op_dtype)
         in_block = (rows >= r * sub) & (rows < (r + 1) * sub)
         return out_factor + jnp.where(in_block, jnp.exp(jnp.where(in_block, cum - ref, 0.0)), 0.0)
 
@@ -402,24 +396,25 @@ def _gated_output_chunk(c, cum, a_smem, b_smem, state, scratch, *, forward, op_d
     last = _pick_row(cum, bt - 1 if forward else 0)  # [Dk] total log decay of the chunk
     cd_smem[...] = (c * jnp.exp(_bcast_row(last, (bt, dk)) - cum)).astype(op_dtype)
     h_smem[...] = state.astype(op_dtype)
+    ar_smem[...] = jnp.where(causal, scores, 0.0).astype(op_dtype)
     plgpu.commit_smem()
 
-    def intra(acc):
-        for r in range(nsub):
-            plgpu.wgmma(acc, ar_smem.at[r], cr_smem.at[r])
-        return acc[...]
+    # All wgmmas of the step, one wait. Intra: sub-block r's rows of (A' @ c rescaled to r) --
+    # one 64-row product per r, so that A' is stored once (SMEM for 3 programs per SM).
+    def products(inter_acc, update_acc, *intra_accs):
+        plgpu.wgmma(inter_acc, a_smem, h_smem)
+        plgpu.wgmma(update_acc, b_smem.transpose((1, 0)), cd_smem)
+        for r, acc in enumerate(intra_accs):
+            plgpu.wgmma(acc, ar_smem, cr_smem.at[r])
+        return inter_acc[...], update_acc[...], [acc[...] for acc in intra_accs]
 
-    def inter(acc):
-        plgpu.wgmma(acc, a_smem, h_smem)
-        return acc[...]
-
-    def update(acc):
-        plgpu.wgmma(acc, b_smem.transpose((1, 0)), cd_smem)
-        return acc[...]
-
-    out = out_factor * pl.run_scoped(intra, plgpu.ACC((bt, dk), jnp.float32))
-    out = out + jnp.exp(cum) * pl.run_scoped(inter, plgpu.ACC((bt, dk), jnp.float32))
-    new = pl.run_scoped(update, plgpu.ACC((dv, dk), jnp.float32))
+    accs = [plgpu.ACC((bt, dk), jnp.float32), plgpu.ACC((dv, dk), jnp.float32)]
+    accs += [plgpu.ACC((bt, dk), jnp.float32)] * nsub
+    inter, new, intra_parts = pl.run_scoped(products, *accs)
+    intra = jnp.zeros_like(inter)
+    for r, part in enumerate(intra_parts):
+        intra = intra + jnp.where((rows >= r * sub) & (rows < (r + 1) * sub), part, 0.0)
+    out = out_factor * intra + jnp.exp(cum) * inter
     return out, state * _bcast_row(jnp.exp(last), (dv, dk)) + new
 
 
@@ -454,7 +449,7 @@ def _gated_output_kernel(
         c = _wg(c_s[...]).astype(jnp.float32)
         parts = (cr_smem.at[0], cr_smem.at[1], cd_smem)
         cum = _cumsum_by_wgmma(
-            _wg(g_s[...]), ar_smem.at[0], parts, forward=forward, op_dtype=kw["op_dtype"]
+            _wg(g_s[...]), ar_smem, parts, forward=forward, op_dtype=kw["op_dtype"]
         )
         return c, cum
 
@@ -534,7 +529,7 @@ def bidirectional_gated_output(
         plgpu.SMEM((dv, dk), op_dtype, transforms=kt),
         plgpu.SMEM((CHUNK, dk), op_dtype, transforms=kt),
         plgpu.SMEM((CHUNK // sub, CHUNK, dk), op_dtype, transforms=kt),
-        plgpu.SMEM((CHUNK // sub, CHUNK, CHUNK), op_dtype, transforms=kt),
+        plgpu.SMEM((CHUNK, CHUNK), op_dtype, transforms=kt),
         plgpu.Barrier(num_barriers=4),
     ]
     out_type = jax.ShapeDtypeStruct((bsz, n_pad, h, dk), jnp.float32)
