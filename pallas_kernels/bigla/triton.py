@@ -8,7 +8,8 @@ device memory. The sequence is cut into chunks of ``BT`` tokens (FLA's ``chunk``
   state walks right to left in the same loop; the state entering each chunk is stored. The
   backward pass also carries the gradients of both states (reading q and the cotangent).
 * **segments** (long sequences only): each segment's summary (decay and state) is folded into
-  the state entering every segment by a tiny kernel, and added back per chunk.
+  the state entering every segment by a tiny kernel, and added to the segment's per-chunk
+  carries in one elementwise pass, so that the chunk kernels know nothing of segments.
 * **chunk** (one program per batch, head and chunk, fully parallel): the forward writes the
   output rows of the chunk once (intra-chunk part of both directions + both inter-chunk
   parts). The backward is split in two kernels so that few [BT, D] tiles are live at once
@@ -60,6 +61,7 @@ class Config:
         ~fp32 accuracy) or "ieee" (exact fp32 FMAs, much slower). Interpret mode: exact fp32.
       bwd_chunk, bwd_warps, bwd_stages: ``chunk``, ``num_warps`` and ``num_stages`` of the
         backward pass (its state and chunk kernels); None uses the forward's value.
+      state_stages: ``num_stages`` of the state kernels; None uses ``num_stages``.
       save_states: keep the forward's state carries ([B, H, chunks, Dk, Dv] twice, in the dot
         dtype) for the backward instead of recomputing them (only when the backward's chunk is
         the forward's): more residual memory, less backward work.
@@ -77,6 +79,7 @@ class Config:
     bwd_warps: int | None = None
     bwd_stages: int | None = None
     save_states: bool = False
+    state_stages: int | None = None
 
     def __post_init__(self):
         if self.fp32_dots not in ("tf32x3", "ieee"):
@@ -502,30 +505,20 @@ def _fold_kernel(log_f_ref, log_b_ref, *refs, dims: _Dims, names: tuple[str, ...
     lax.fori_loop(0, dims.ns, body, (zero,) * n)
 
 
-def _carries_of_chunk(c, carry_refs, seg_refs, dims: _Dims):
-    """The four (or two) carries of chunk c in fp32, with the segments' incoming parts."""
-    out = [ref[c, :, :].astype(jnp.float32) for ref in carry_refs]
-    if dims.ns > 1:
-        log_refs, in_refs = seg_refs
-        seg = c // dims.cps
-        for idx in range(len(out)):
-            decay = jnp.exp(log_refs[idx][c, :])[:, None]
-            out[idx] = out[idx] + decay * in_refs[idx][seg, :, :]
-    return out
+def _carries_of_chunk(c, carry_refs):
+    """The carries of chunk c (complete: segments already folded in), [Dk, Dv] fp32 each."""
+    return [ref[c, :, :].astype(jnp.float32) for ref in carry_refs]
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, *refs, dims: _Dims):
     carry_refs, refs = refs[:2], refs[2:]
-    seg_refs = None
-    if dims.ns > 1:
-        seg_refs, refs = (refs[:2], refs[2:4]), refs[4:]
     (o_ref,) = refs
     c = pl.program_id(2)
     q32 = _load_chunk_rows(q_ref, c, dims)
     k32 = _load_chunk_rows(k_ref, c, dims)
     v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
     g = _gates(_load_chunk_rows(gf_ref, c, dims), _load_chunk_rows(gb_ref, c, dims), dims)
-    h_f, h_b = _carries_of_chunk(c, carry_refs, seg_refs, dims)
+    h_f, h_b = _carries_of_chunk(c, carry_refs)
     o = _mm(q32 * jnp.exp(g.qf), h_f, dims)
     o += _mm(q32 * jnp.exp(g.qb), h_b, dims)
 
@@ -554,9 +547,6 @@ def _backward_dq_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims
     besides the loop's own values is live across it.
     """
     carry_refs, refs = refs[:2], refs[2:]
-    seg_refs = None
-    if dims.ns > 1:
-        seg_refs, refs = (refs[:2], refs[2:4]), refs[4:]
     dq_ref, qdq_f_ref, qdq_b_ref = refs
     c = pl.program_id(2)
     k32 = _load_chunk_rows(k_ref, c, dims)
@@ -566,7 +556,7 @@ def _backward_dq_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims
     da = _mm_nt(do, v, dims)  # [BT, BT]: d score[r, s]
 
     # Inter-chunk terms, then the off-diagonal sub-blocks.
-    h_f, h_b = _carries_of_chunk(c, carry_refs, seg_refs, dims)
+    h_f, h_b = _carries_of_chunk(c, carry_refs)
     dq_f = _mm_nt(do, h_f, dims) * jnp.exp(g.qf)
     dq_b = _mm_nt(do, h_b, dims) * jnp.exp(g.qb)
     sub = _iota((dims.bt, 1), 0) // SUB
@@ -608,9 +598,6 @@ def _backward_dkv_kernel(
     dgb = prefix-sum(a_b) + exclusive suffix-sum(b_b) + cross_b, one cumulative sum each.
     """
     carry_refs, refs = refs[:4], refs[4:]
-    seg_refs = None
-    if dims.ns > 1:
-        seg_refs, refs = (refs[:4], refs[4:8]), refs[8:]
     dk_ref, dv_ref, dgf_ref, dgb_ref = refs
     c = pl.program_id(2)
     q32 = _load_chunk_rows(q_ref, c, dims)
@@ -622,7 +609,7 @@ def _backward_dkv_kernel(
 
     # Inter-chunk terms: dv's, and dk's as part of the output (dk_inter) and of the gate
     # gradients (b = k * dk per direction), with the cross terms.
-    h_f, h_b, d_f, d_b = _carries_of_chunk(c, carry_refs, seg_refs, dims)
+    h_f, h_b, d_f, d_b = _carries_of_chunk(c, carry_refs)
     e_kf, e_kb = jnp.exp(g.kf), jnp.exp(g.kb)
     dk_f_inter = _mm_nt(v, d_f, dims) * e_kf
     dk_b_inter = _mm_nt(v, d_b, dims) * e_kb
@@ -699,8 +686,13 @@ def _per_program_spec(*tail: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, None, None, *tail), lambda b, h, s: (b, h, s, *zeros))
 
 
-def _params(warps: int, config: Config):
-    return plt.CompilerParams(num_warps=warps, num_stages=config.num_stages)
+def _params(warps: int, stages: int):
+    return plt.CompilerParams(num_warps=warps, num_stages=stages)
+
+
+def _state_params(config: Config):
+    stages = config.num_stages if config.state_stages is None else config.state_stages
+    return _params(config.state_warps, stages)
 
 
 def _carries(args, dims: _Dims, config: Config, interpret: bool, names: tuple[str, ...]):
@@ -710,9 +702,9 @@ def _carries(args, dims: _Dims, config: Config, interpret: bool, names: tuple[st
       args: (q, k, v, gf, gb) and, for gradient carries, do.
       names: which carries (see ``_CARRY_WALKS``), in the order they are returned.
 
-    Returns (carries, seg): carries is a list of [B, H, NC_pad, Dk, Dv] arrays in the dot
-    dtype; seg is None or (log decays per chunk, incoming carries per segment), both lists in
-    the same order.
+    Returns:
+      list of [B, H, NC_pad, Dk, Dv] carries entering each chunk, in the dot dtype (with
+      segments: the segment-local carries completed by :func:`_add_incoming`).
     """
     b, _, h, _ = args[0].shape
     n = len(names)
@@ -733,13 +725,13 @@ def _carries(args, dims: _Dims, config: Config, interpret: bool, names: tuple[st
         grid=(b, h, dims.ns),
         in_specs=[_seq_spec(dims, x.shape[-1]) for x in args],
         out_specs=out_specs,
-        compiler_params=_params(config.state_warps, config),
+        compiler_params=_state_params(config),
         interpret=interpret,
         name="bigla_states_bwd" if grads else "bigla_states",
     )(*args)
     carries = list(outs[:n])
     if dims.ns == 1:
-        return carries, None
+        return carries
     logs, summaries, seg_logs = outs[n : 2 * n], outs[2 * n : 3 * n], outs[3 * n :]
     incoming = pl.pallas_call(
         functools.partial(_fold_kernel, dims=dims, names=names),
@@ -748,41 +740,49 @@ def _carries(args, dims: _Dims, config: Config, interpret: bool, names: tuple[st
         in_specs=[_per_bh_spec(dims.ns_pad, dims.dk)] * 2
         + [_per_bh_spec(dims.ns_pad, dims.dk, dims.dv)] * n,
         out_specs=[_per_bh_spec(dims.ns_pad, dims.dk, dims.dv)] * n,
-        compiler_params=_params(config.state_warps, config),
+        compiler_params=_state_params(config),
         interpret=interpret,
         name="bigla_segment_fold",
     )(*seg_logs, *summaries)
-    return carries, (list(logs), list(incoming))
+    return [_add_incoming(*x, dims) for x in zip(carries, logs, incoming, strict=True)]
 
 
-def _chunk_specs(carries, seg, dims: _Dims):
-    specs = [_per_bh_spec(dims.nc_pad, dims.dk, dims.dv)] * len(carries)
-    arrays = list(carries)
-    if seg is not None:
-        logs, incoming = seg
-        specs += [_per_bh_spec(dims.nc_pad, dims.dk)] * len(logs)
-        specs += [_per_bh_spec(dims.ns_pad, dims.dk, dims.dv)] * len(incoming)
-        arrays += logs + incoming
-    return specs, arrays
+def _add_incoming(carry, log, incoming, dims: _Dims):
+    """Complete carries: segment-local carry + decay from the segment's edge * incoming.
+
+    One fused elementwise pass (XLA) over [B, H, NC_pad, Dk, Dv], so that the chunk kernels
+    read one carry per chunk and nothing about segments.
+
+    Args:
+      carry: [B, H, NC_pad, Dk, Dv] segment-local carries (dot dtype).
+      log: [B, H, NC_pad, Dk] log decay between the segment's edge and the chunk (<= 0).
+      incoming: [B, H, NS_pad, Dk, Dv] fp32 carry entering each segment.
+    """
+    seg = jnp.minimum(jnp.arange(dims.nc_pad) // dims.cps, dims.ns_pad - 1)
+    full = carry.astype(jnp.float32) + jnp.exp(log)[..., None] * incoming[:, :, seg]
+    return full.astype(carry.dtype)
+
+
+def _carry_specs(carries, dims: _Dims):
+    return [_per_bh_spec(dims.nc_pad, dims.dk, dims.dv)] * len(carries)
 
 
 def _forward(q, k, v, gf, gb, dims: _Dims, config: Config, interpret: bool):
-    """Output [B, N, H, Dv] and the state carries (carries, seg) of :func:`_carries`."""
+    """Output [B, N, H, Dv] and the state carries [h_f, h_b] of :func:`_carries`."""
     b, _, h, _ = q.shape
     args = (q, k, v, gf, gb)
-    carries, seg = _carries(args, dims, config, interpret, _STATES)
-    specs, arrays = _chunk_specs(carries, seg, dims)
+    carries = _carries(args, dims, config, interpret, _STATES)
     o = pl.pallas_call(
         functools.partial(_forward_kernel, dims=dims),
         out_shape=jax.ShapeDtypeStruct((b, dims.n, h, dims.dv), v.dtype),
         grid=(b, h, dims.nc),
-        in_specs=[_seq_spec(dims, x.shape[-1]) for x in args] + specs,
+        in_specs=[_seq_spec(dims, x.shape[-1]) for x in args] + _carry_specs(carries, dims),
         out_specs=_seq_spec(dims, dims.dv),
-        compiler_params=_params(config.num_warps, config),
+        compiler_params=_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="bigla_forward",
-    )(*args, *arrays)
-    return o, (carries, seg)
+    )(*args, *carries)
+    return o, carries
 
 
 def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool, saved=None):
@@ -790,28 +790,21 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool,
     b, _, h, _ = q.shape
     args = (q, k, v, gf, gb, do)
     if saved is None:
-        carries, seg = _carries(args, dims, config, interpret, _STATES + _GRADS)
+        carries = _carries(args, dims, config, interpret, _STATES + _GRADS)
     else:
-        carries, seg = _carries(args, dims, config, interpret, _GRADS)
-        carries = saved[0] + carries
-        if seg is not None:
-            seg = (saved[1][0] + seg[0], saved[1][1] + seg[1])
+        carries = list(saved) + _carries(args, dims, config, interpret, _GRADS)
     seq_specs = [_seq_spec(dims, x.shape[-1]) for x in args]
-    specs, arrays = _chunk_specs(
-        carries[:2], None if seg is None else (seg[0][:2], seg[1][:2]), dims
-    )
     f32_like = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)
     dq, qdq_f, qdq_b = pl.pallas_call(
         functools.partial(_backward_dq_kernel, dims=dims),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), f32_like(q), f32_like(q)],
         grid=(b, h, dims.nc),
-        in_specs=seq_specs + specs,
+        in_specs=seq_specs + _carry_specs(carries[:2], dims),
         out_specs=[_seq_spec(dims, dims.dk)] * 3,
-        compiler_params=_params(config.num_warps, config),
+        compiler_params=_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="bigla_backward_dq",
-    )(*args, *arrays)
-    specs, arrays = _chunk_specs(carries, seg, dims)
+    )(*args, *carries[:2])
     n_in = len(args) + 2
     dk, dv, dgf, dgb = pl.pallas_call(
         functools.partial(_backward_dkv_kernel, dims=dims),
@@ -822,13 +815,13 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool,
             f32_like(gb),
         ],
         grid=(b, h, dims.nc),
-        in_specs=seq_specs + [_seq_spec(dims, dims.dk)] * 2 + specs,
+        in_specs=seq_specs + [_seq_spec(dims, dims.dk)] * 2 + _carry_specs(carries, dims),
         out_specs=[_seq_spec(dims, x.shape[-1]) for x in (k, v, gf, gb)],
         input_output_aliases={n_in - 2: 2, n_in - 1: 3},  # q*dq buffers become dgf, dgb
-        compiler_params=_params(config.num_warps, config),
+        compiler_params=_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="bigla_backward_dkv",
-    )(*args, qdq_f, qdq_b, *arrays)
+    )(*args, qdq_f, qdq_b, *carries)
     return dq, dk, dv, dgf.astype(gf.dtype), dgb.astype(gb.dtype)
 
 
