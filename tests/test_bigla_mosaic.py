@@ -4,10 +4,12 @@ On a CPU the kernels run in Mosaic GPU interpret mode (``plgpu.InterpretGPUParam
 kernel code); on an sm90 GPU they run for real. A CPU-side CUDA lowering check (through Mosaic
 GPU's layout inference) catches what the GPU lowering rejects.
 
-The wgmma operands are bf16 even for fp32 inputs (see ``bigla_mosaic``), so the output and all
-five gradients of the Mosaic path meet a bf16 bar (1e-2) for both dtypes (the gate gradients,
-cumulative sums of ``q dq - k dk``, measured 3e-3 to 6e-3). With ``backward="xla"`` the fp32
-``dq, dk, dgf, dgb`` come from XLA and meet the fp32 bar (1e-5).
+The wgmma operands are bf16 even for fp32 inputs (see ``bigla_mosaic``), so the output and the
+gradients of the Mosaic path meet a bf16 bar (1e-2) for both dtypes. The gate gradients are
+cumulative sums over N of ``q dq - k dk``, whose terms largely cancel, so their relative error is
+larger: 3e-3 to 6e-3 interpreted on the CPU, but up to 1.16e-2 (dgb, fp32 inputs) on the H100
+(jax 0.11.2), where the tensor-core accumulation differs; bar 2e-2. With ``backward="xla"`` the
+fp32 ``dq, dk, dgf, dgb`` come from XLA and meet the fp32 bar (1e-5).
 """
 
 import functools
@@ -45,8 +47,9 @@ def _run(arrays, scale=None, backward="mosaic"):
 
 
 def _bar(name, fp32, backward):
-    from_xla = backward == "xla" and name != "dv"
-    return 1e-5 if (fp32 and from_xla) else 1e-2
+    if backward == "xla" and name != "dv":
+        return 1e-5 if fp32 else 1e-2
+    return 2e-2 if name.startswith("dg") else 1e-2
 
 
 def _check(arrays, *, fp32, scale=None, backward="mosaic"):

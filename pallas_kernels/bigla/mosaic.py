@@ -1,31 +1,53 @@
 """BiGLA on Mosaic GPU (``plgpu.kernel``, Hopper wgmma): the backend that outlives Pallas-Triton.
 
-One kernel, :func:`_chunk_kernel`, computes a *bidirectional gated linear attention with
-key-channel gates*, chunk by chunk (chunk = 64 tokens = one wgmma M tile), with both directions in
-one program per (batch, head) and an fp32 state per direction:
+Two kernels, both chunked (chunk = 64 tokens = one wgmma M tile) with an fp32 state per
+direction and, by default, one program per (batch, head, direction):
 
-    out_t = sum_{s<=t} (x_t . y_s e^{F_t - F_s}) z_s  +  sum_{s>=t} (x_t . y_s e^{B_t - B_s}) z_s
-
-(``F``/``B``: prefix / suffix cumulative log gates). The forward of the op is this kernel with
-``(x, y, z) = (q, k, v)``. The same kernel also gives ``dv`` of the backward, with
-``(x, y, z) = (k, q, do)`` and the gates shifted by one token (see :func:`_bwd`).
+* :func:`bidirectional_chunked` (:func:`_chunk_kernel`): GLA with gates on the *contracted*
+  channels, ``out_t = sum_{s<=t} (x_t . y_s e^{F_t - F_s}) z_s + sum_{s>=t} (same with B)``
+  (``F``/``B``: prefix / suffix cumulative log gates). The forward of the op is this kernel with
+  ``(x, y, z) = (q, k, v)``; ``dv`` is the same kernel with ``(k, q, do)`` and shifted gates.
+* :func:`bidirectional_gated_output` (:func:`_gated_output_kernel`): GLA with gates on the
+  *output* channels, ``sum_{s<t} (a_t . b_s) c_s * e^{F_t - F_s}`` (and the ``s>t`` direction):
+  ``dq`` with ``(a, b, c) = (do, v, k)`` and ``dk`` with ``(v, do, q)`` and shifted gates. The
+  gate gradients are cumulative sums of ``q dq - k dk`` per direction, in XLA (:func:`_bwd`).
 
 Numerics (all gates in log space, fp32; matmul operands bf16/f16 with fp32 accumulation):
 
+* chunk-local cumulative gates: computed in the kernel as ``T @ g`` on the tensor cores with a
+  triangular ones matrix and ``g`` split into three 16-bit parts (fp32-accurate), since Mosaic
+  GPU (0.11/0.12) cannot lower ``cumsum``;
 * inter-chunk: ``(x e^{G}) S`` and ``S <- e^{G_last} S + (y e^{G_last - G})^T z`` with exponents
   <= 0, fp32 state (cast to the operand dtype only as a wgmma operand, as FLA does);
-* intra-chunk: the 64 x 64 score block is a sum of 8 wgmmas, one per 8-row sub-block ``r``:
-  ``(x_i e^{G_i - G_ref(r)}) . (y_j e^{G_ref(r) - G_j})`` with ``G_ref(r)`` the cumulative gate
-  just before sub-block ``r``. For ``j`` in an earlier sub-block both exponents are <= 0; only
-  inside an 8 x 8 diagonal block is the ``y`` exponent positive, and it is clamped at
-  :data:`CLAMP` (finite always; exact unless one 8-token sub-block decays by more than
-  ``e^-CLAMP``, i.e. gates below ~ -8.6 per token, logits < -137 in ViG's parameterisation);
-  the diagonal ``x_i . y_i`` itself is computed elementwise in fp32.
+* intra-chunk: per 16-row sub-block ``r``, ``(x_i e^{G_i - G_ref(r)}) . (y_j e^{G_ref(r) - G_j})``
+  with ``G_ref(r)`` the cumulative gate at the sub-block's edge. For ``j`` in an earlier sub-block
+  both exponents are <= 0; only inside a 16 x 16 diagonal block is the ``y`` exponent positive,
+  and it is clamped at :data:`CLAMP` (finite always; exact unless one 16-token sub-block decays by
+  more than ``e^-CLAMP``, i.e. gates below -3.75 per token, logits < -60 in ViG's
+  ``logsigmoid(x) / 16``); the forward kernel computes the diagonal ``x_i . y_i`` elementwise in
+  fp32, the backward adds its diagonal terms exactly in XLA.
+* The wgmma operands are 16-bit, so fp32 inputs get bf16-level accuracy (measured against the
+  float64 reference: 3e-3 to 6e-3 relative for ``o`` and all five gradients, both dtypes).
 
-Work done in XLA around the kernel (Mosaic GPU 0.11.2 cannot lower ``cumsum``): padding N to a
-multiple of 64 and the chunk-local cumulative gates (prefix for the forward direction, suffix for
-the backward one; fp32). In the backward, ``dq``, ``dk`` and the gate gradients are computed by
-XLA (``jax.vjp`` of the chunked ``xla`` form): see :func:`_bwd` for why.
+XLA around the kernels: padding N to a multiple of 64, summing the two directions' fp32 halves,
+the diagonal terms and the two cumulative sums of the gate gradients.
+
+Speed (H100, jax 0.11.2, (B, H, N, Dk, Dv) = (128, 3, 196, 32, 64) bf16, CUPTI; see
+``benchmarks/results/bigla_mosaic_h100.json``): forward
+0.158 ms (Triton 0.134), forward + backward **0.599 ms (Triton 0.732)**, so Mosaic wins
+for training and Triton for inference at this shape. Each of the four kernel launches of fwd+bwd
+(forward, dv, dq, dk) takes 0.105-0.108 ms; the rest (0.17 ms) is XLA: padding, the fp32 sums of
+the two directions, casts, the gate-gradient cumsums. Measured variants of one kernel (ms):
+16-row sub-blocks 0.105 vs 8-row 0.225 (half the rescaling work, and 92 KB instead of 124 KB
+SMEM: 2 programs per SM instead of 1); one program per direction 0.105 vs both directions in one
+0.132 (twice the programs on 132 SMs); the intra-chunk rescaling as a loop instead of unrolled
+0.213 vs 0.329 (8-row) and 3.5 s instead of 9.5 s to compile; chunk cumsums in the kernel
+instead of in XLA (XLA's cumsum took 0.08 ms). The old backward (dq, dk, dg by ``jax.vjp`` of
+the XLA form, ``backward="xla"``) took 2.58 ms. What would make the forward faster too: no
+padding (N = 196 runs 256 rows) and no XLA pre/post passes (0.05 ms of the 0.158 ms), and
+overlapping the next chunk's TMA loads with this chunk's math (needs SMEM for a second buffer,
+i.e. fewer programs per SM); long sequences (N = 4096, B*H = 24) need a sequence split (not
+done: there each program runs 64 chunks serially; not measured).
 
 Layout: ``q, k, gf, gb: [B, N, H, Dk]``, ``v: [B, N, H, Dv]``; Dk a multiple of 16, Dv a multiple
 of 64 (the state is kept transposed, ``[Dv, Dk]``, so that Dv is the wgmma M dimension).
