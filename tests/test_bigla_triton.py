@@ -20,16 +20,16 @@ GRAD_NAMES = ("dq", "dk", "dv", "dgf", "dgb")
 CASES = [  # (B, N, H, Dk, Dv), gates, Config kwargs
     ((1, 61, 3, 32, 64), "random", {}),  # B*H odd, N < chunk
     ((3, 197, 1, 16, 32), "steep", {}),  # N not a multiple of the chunk
-    ((1, 197, 1, 64, 128), "flat", {}),
+    ((1, 197, 1, 64, 128), "flat", {"chunk": 32, "num_warps": 4}),  # 2 sub-chunks per chunk
     ((1, 300, 1, 32, 64), "steep", {"segments": 3}),  # sequence split into segments
     ((1, 150, 3, 16, 32), "random", {"chunk": 32, "segments": 2}),
     ((1, 33, 1, 128, 32), "random", {}),
     ((1, 40, 1, 24, 40), "random", {}),  # head dims that are not powers of two
-    ((1, 1000, 1, 32, 64), "steep", {}),
+    ((1, 1000, 1, 32, 64), "steep", {"chunk": 64, "save_states": False}),
     ((2, 70, 1, 32, 64), "steep", {"chunk": 16}),  # one sub-chunk per chunk
     ((1, 197, 2, 32, 64), "random", {"chunk": 16, "bwd_chunk": 64, "bwd_warps": 2}),
-    ((1, 300, 1, 32, 64), "steep", {"segments": 3, "save_states": True}),  # forward's states
-    ((2, 61, 3, 32, 64), "random", {"chunk": 16, "save_states": True}),
+    ((1, 300, 1, 32, 64), "steep", {"segments": 3, "save_states": False}),  # recomputed states
+    ((2, 61, 3, 32, 64), "random", {"chunk": 32, "save_states": True}),
 ]
 
 
@@ -101,9 +101,9 @@ def _cuda_lowering_text(shape, dtype, config):
         (jnp.float32, triton.Config(segments=1), 5),
         (jnp.bfloat16, triton.Config(segments=3), 7),
         (jnp.bfloat16, triton.Config(chunk=16, bwd_chunk=64, bwd_warps=2), 7),
-        (jnp.bfloat16, triton.Config(segments=3, save_states=True), 7),
+        (jnp.bfloat16, triton.Config(segments=3, save_states=False), 7),
     ],
-    ids=["fp32", "bf16-segments", "bf16-chunk16-bwd64", "bf16-saved-states"],
+    ids=["fp32", "bf16-segments", "bf16-chunk16-bwd64", "bf16-recomputed-states"],
 )
 def test_forward_and_backward_lower_to_triton_for_cuda(dtype, config, calls):
     """States, chunk (one forward, two backward) and, with segments, fold kernels lower."""
@@ -118,6 +118,9 @@ def test_config_and_input_validation():
         triton.Config(bwd_chunk=48)
     with pytest.raises(ValueError, match="bwd_warps=3"):
         triton.Config(bwd_warps=3)
+    backward = triton.Config(chunk=16, bwd_chunk=64, bwd_warps=8, bwd_stages=3).backward()
+    assert (backward.chunk, backward.num_warps, backward.num_stages) == (64, 8, 3)
+    assert backward.bwd_chunk is None and backward.backward() == backward
     with pytest.raises(ValueError, match="segments=0"):
         triton.Config(segments=0)
     q = jnp.zeros((1, 8, 1, 16), jnp.float32)

@@ -67,8 +67,8 @@ class Config:
         the forward's): more residual memory, less backward work.
     """
 
-    chunk: int = 32
-    num_warps: int = 4
+    chunk: int = 16
+    num_warps: int = 2
     num_stages: int = 1
     state_warps: int = 4
     segments: int | None = None
@@ -78,8 +78,8 @@ class Config:
     bwd_chunk: int | None = None
     bwd_warps: int | None = None
     bwd_stages: int | None = None
-    save_states: bool = False
-    state_stages: int | None = None
+    save_states: bool = True
+    state_stages: int | None = 2
 
     def __post_init__(self):
         if self.fp32_dots not in ("tf32x3", "ieee"):
