@@ -79,7 +79,7 @@ class Config:
     bwd_warps: int | None = None
     bwd_stages: int | None = None
     save_states: bool = True
-    state_stages: int | None = 2
+    state_stages: int | None = 3
 
     def __post_init__(self):
         if self.fp32_dots not in ("tf32x3", "ieee"):
