@@ -30,6 +30,8 @@ CASES = [  # (B, N, H, Dk, Dv), gates, Config kwargs
     ((1, 197, 2, 32, 64), "random", {"chunk": 16, "bwd_chunk": 64, "bwd_warps": 2}),
     ((1, 300, 1, 32, 64), "steep", {"segments": 3, "save_states": False}),  # recomputed states
     ((2, 61, 3, 32, 64), "random", {"chunk": 32, "save_states": True}),
+    ((1, 197, 2, 32, 64), "steep", {"save_scores": True}),  # forward's scores for dv
+    ((1, 150, 3, 16, 32), "random", {"chunk": 32, "segments": 2, "save_scores": True}),
 ]
 
 
@@ -53,7 +55,12 @@ def test_fp32_forward_and_gradients_match_float64_reference(shape, gates, config
 
 
 @pytest.mark.parametrize(
-    ("shape", "config"), [((2, 197, 1, 32, 64), {}), ((1, 300, 3, 32, 64), {"segments": 2})]
+    ("shape", "config"),
+    [
+        ((2, 197, 1, 32, 64), {}),
+        ((1, 300, 3, 32, 64), {"segments": 2}),
+        ((2, 100, 1, 32, 64), {"save_scores": True}),
+    ],
 )
 def test_bf16_forward_and_gradients_match_float64_reference(shape, config):
     arrays = cast_inputs(random_inputs(11, *shape), jnp.bfloat16)
@@ -102,8 +109,9 @@ def _cuda_lowering_text(shape, dtype, config):
         (jnp.bfloat16, triton.Config(segments=3), 7),
         (jnp.bfloat16, triton.Config(chunk=16, bwd_chunk=64, bwd_warps=2), 7),
         (jnp.bfloat16, triton.Config(segments=3, save_states=False), 7),
+        (jnp.bfloat16, triton.Config(save_scores=True), 7),
     ],
-    ids=["fp32", "bf16-segments", "bf16-chunk16-bwd64", "bf16-recomputed-states"],
+    ids=["fp32", "bf16-segments", "bf16-chunk16-bwd64", "bf16-recomputed-states", "bf16-scores"],
 )
 def test_forward_and_backward_lower_to_triton_for_cuda(dtype, config, calls):
     """States, chunk (one forward, two backward) and, with segments, fold kernels lower."""

@@ -65,6 +65,8 @@ class Config:
       save_states: keep the forward's state carries ([B, H, chunks, Dk, Dv] twice, in the dot
         dtype) for the backward instead of recomputing them (only when the backward's chunk is
         the forward's): more residual memory, less backward work.
+      save_scores: with saved states, also keep each chunk's score matrix ([B, H, chunks,
+        BT, BT] fp32) for dv, so that the backward does not recompute the in-sub-chunk scores.
     """
 
     chunk: int = 16
@@ -80,6 +82,7 @@ class Config:
     bwd_stages: int | None = None
     save_states: bool = True
     state_stages: int | None = 3
+    save_scores: bool = False
 
     def __post_init__(self):
         if self.fp32_dots not in ("tf32x3", "ieee"):
@@ -510,9 +513,10 @@ def _carries_of_chunk(c, carry_refs):
     return [ref[c, :, :].astype(jnp.float32) for ref in carry_refs]
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, *refs, dims: _Dims):
+def _forward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, *refs, dims: _Dims, scores: bool):
+    """Output rows of one chunk; with ``scores`` also its [BT, BT] score matrix (query-major)."""
     carry_refs, refs = refs[:2], refs[2:]
-    (o_ref,) = refs
+    o_ref = refs[0]
     c = pl.program_id(2)
     q32 = _load_chunk_rows(q_ref, c, dims)
     k32 = _load_chunk_rows(k_ref, c, dims)
@@ -537,6 +541,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, *refs, dims: _Dims):
     a, _, _ = lax.fori_loop(0, SUB, column, (a, zero, zero))
     o += _mm(a, v, dims)
     _store_chunk_rows(o_ref, c, dims, o * (0.5 * dims.scale))
+    if scores:
+        refs[1][c, :, :] = a
 
 
 def _backward_dq_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims: _Dims):
@@ -588,7 +594,17 @@ def _backward_dq_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims
 
 
 def _backward_dkv_kernel(
-    q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, qdq_f_ref, qdq_b_ref, *refs, dims: _Dims
+    q_ref,
+    k_ref,
+    v_ref,
+    gf_ref,
+    gb_ref,
+    do_ref,
+    qdq_f_ref,
+    qdq_b_ref,
+    *refs,
+    dims: _Dims,
+    scores: bool,
 ):
     """dk, dv and both gate gradients of one chunk's rows (second backward chunk kernel).
 
@@ -596,7 +612,11 @@ def _backward_dkv_kernel(
     of the intra-chunk pairs and b = k*dk of the inter-chunk key terms, per direction
     dgf = suffix-sum(a_f) + exclusive prefix-sum(b_f) + cross_f and
     dgb = prefix-sum(a_b) + exclusive suffix-sum(b_b) + cross_b, one cumulative sum each.
+    With ``scores`` the first extra ref holds the forward's score matrices (dv needs them).
     """
+    a_ref = None
+    if scores:
+        a_ref, refs = refs[0], refs[1:]
     carry_refs, refs = refs[:4], refs[4:]
     dk_ref, dv_ref, dgf_ref, dgb_ref = refs
     c = pl.program_id(2)
@@ -624,12 +644,13 @@ def _backward_dkv_kernel(
     # Off-diagonal sub-blocks; at[s, r] collects the score of query r and key s.
     sub = _iota((dims.bt, 1), 0) // SUB
     e_pf, e_sb = jnp.exp(g.pf), jnp.exp(g.sb)
-    at = jnp.zeros((dims.bt, dims.bt), jnp.float32)
+    at = None if scores else jnp.zeros((dims.bt, dims.bt), jnp.float32)
     dk_f = jnp.zeros_like(k32)  # intra-chunk, strictly off the token's own pair
     dk_b = jnp.zeros_like(k32)
     for direction, i, key_factor in _boundary_factors(g, dims):
         query = jnp.where(sub == i, q32 * (e_pf if direction == "f" else e_sb), 0.0)
-        at += _mm_nt(k32 * key_factor, query, dims)
+        if not scores:
+            at += _mm_nt(k32 * key_factor, query, dims)
         if direction == "f":
             dk_f += _mm(dat, query, dims) * key_factor
         else:
@@ -637,7 +658,7 @@ def _backward_dkv_kernel(
 
     # Diagonal sub-blocks, exact. Step j: row j of every sub-chunk as the query.
     def dk_column(j, carry):
-        dk_f, dk_b, at, prefix_f, prefix_b = carry
+        dk_f, dk_b, at, prefix_f, prefix_b = carry if not scores else (*carry[:2], None, *carry[2:])
         prefix_f = prefix_f + _load_sub_row(gf_ref, c, j, dims)
         after, before, own_row = _diag_masks(j, dims)
         decay = _diag_key_decay(g, j, prefix_f, prefix_b, dims)
@@ -645,14 +666,22 @@ def _backward_dkv_kernel(
         w = _own_block_column(dat, j) * decay * q_j
         dk_f += jnp.where(before, w, 0.0)
         dk_b += jnp.where(after, w, 0.0)
+        prefix_b = prefix_b + _load_sub_row(gb_ref, c, j, dims)
+        if scores:
+            return dk_f, dk_b, prefix_f, prefix_b
         own_weight = decay + own_row.astype(jnp.float32)  # the token's own pair counts twice
         score = jnp.sum(q_j * k32 * own_weight, axis=1, keepdims=True)
         at = _place_own_block_column(at, score, j)
-        return dk_f, dk_b, at, prefix_f, prefix_b + _load_sub_row(gb_ref, c, j, dims)
+        return dk_f, dk_b, at, prefix_f, prefix_b
 
     zero = _prefix_init(dims)
-    dk_f, dk_b, at, _, _ = lax.fori_loop(0, SUB, dk_column, (dk_f, dk_b, at, zero, zero))
-    _store_chunk_rows(dv_ref, c, dims, dv + _mm(at, do, dims))
+    if scores:
+        dk_f, dk_b, _, _ = lax.fori_loop(0, SUB, dk_column, (dk_f, dk_b, zero, zero))
+        dv += _mm_tn(a_ref[c, :, :], do, dims)
+    else:
+        dk_f, dk_b, at, _, _ = lax.fori_loop(0, SUB, dk_column, (dk_f, dk_b, at, zero, zero))
+        dv += _mm(at, do, dims)
+    _store_chunk_rows(dv_ref, c, dims, dv)
     _store_chunk_rows(dk_ref, c, dims, dk_f + dk_b + dk_rest)
     a_f = _load_chunk_rows(qdq_f_ref, c, dims) - k32 * dk_f
     a_b = _load_chunk_rows(qdq_b_ref, c, dims) - k32 * dk_b
@@ -767,32 +796,46 @@ def _carry_specs(carries, dims: _Dims):
     return [_per_bh_spec(dims.nc_pad, dims.dk, dims.dv)] * len(carries)
 
 
-def _forward(q, k, v, gf, gb, dims: _Dims, config: Config, interpret: bool):
-    """Output [B, N, H, Dv] and the state carries [h_f, h_b] of :func:`_carries`."""
+def _forward(q, k, v, gf, gb, dims: _Dims, config: Config, interpret: bool, scores=False):
+    """Output [B, N, H, Dv], the state carries [h_f, h_b] of :func:`_carries` and, with
+    ``scores``, the chunks' score matrices [B, H, NC_pad, BT, BT] fp32 (else None)."""
     b, _, h, _ = q.shape
     args = (q, k, v, gf, gb)
     carries = _carries(args, dims, config, interpret, _STATES)
-    o = pl.pallas_call(
-        functools.partial(_forward_kernel, dims=dims),
-        out_shape=jax.ShapeDtypeStruct((b, dims.n, h, dims.dv), v.dtype),
+    out_shape = [jax.ShapeDtypeStruct((b, dims.n, h, dims.dv), v.dtype)]
+    out_specs = [_seq_spec(dims, dims.dv)]
+    if scores:
+        out_shape.append(jax.ShapeDtypeStruct((b, h, dims.nc_pad, dims.bt, dims.bt), jnp.float32))
+        out_specs.append(_per_bh_spec(dims.nc_pad, dims.bt, dims.bt))
+    outs = pl.pallas_call(
+        functools.partial(_forward_kernel, dims=dims, scores=scores),
+        out_shape=out_shape,
         grid=(b, h, dims.nc),
         in_specs=[_seq_spec(dims, x.shape[-1]) for x in args] + _carry_specs(carries, dims),
-        out_specs=_seq_spec(dims, dims.dv),
+        out_specs=out_specs,
         compiler_params=_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="bigla_forward",
     )(*args, *carries)
-    return o, carries
+    return outs[0], carries, (outs[1] if scores else None)
 
 
 def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool, saved=None):
-    """The five gradients; ``saved``: the forward's state carries (None: recomputed)."""
+    """The five gradients.
+
+    ``saved``: None (states recomputed) or (the forward's state carries, its score matrices
+    or None).
+    """
     b, _, h, _ = q.shape
     args = (q, k, v, gf, gb, do)
+    scores = None
     if saved is None:
         carries = _carries(args, dims, config, interpret, _STATES + _GRADS)
     else:
-        carries = list(saved) + _carries(args, dims, config, interpret, _GRADS)
+        carries = list(saved[0]) + _carries(args, dims, config, interpret, _GRADS)
+        scores = saved[1]
+    score_args = [] if scores is None else [scores]
+    score_specs = [] if scores is None else [_per_bh_spec(dims.nc_pad, dims.bt, dims.bt)]
     seq_specs = [_seq_spec(dims, x.shape[-1]) for x in args]
     f32_like = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)
     dq, qdq_f, qdq_b = pl.pallas_call(
@@ -807,7 +850,7 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool,
     )(*args, *carries[:2])
     n_in = len(args) + 2
     dk, dv, dgf, dgb = pl.pallas_call(
-        functools.partial(_backward_dkv_kernel, dims=dims),
+        functools.partial(_backward_dkv_kernel, dims=dims, scores=scores is not None),
         out_shape=[
             jax.ShapeDtypeStruct(k.shape, k.dtype),
             jax.ShapeDtypeStruct(v.shape, v.dtype),
@@ -815,13 +858,16 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool,
             f32_like(gb),
         ],
         grid=(b, h, dims.nc),
-        in_specs=seq_specs + [_seq_spec(dims, dims.dk)] * 2 + _carry_specs(carries, dims),
+        in_specs=seq_specs
+        + [_seq_spec(dims, dims.dk)] * 2
+        + score_specs
+        + _carry_specs(carries, dims),
         out_specs=[_seq_spec(dims, x.shape[-1]) for x in (k, v, gf, gb)],
         input_output_aliases={n_in - 2: 2, n_in - 1: 3},  # q*dq buffers become dgf, dgb
         compiler_params=_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="bigla_backward_dkv",
-    )(*args, qdq_f, qdq_b, *carries)
+    )(*args, qdq_f, qdq_b, *score_args, *carries)
     return dq, dk, dv, dgf.astype(gf.dtype), dgb.astype(gb.dtype)
 
 
@@ -836,8 +882,10 @@ def _keeps_states(dims: _Dims, config: Config) -> bool:
 
 
 def _bigla_fwd(q, k, v, gf, gb, dims, config, interpret):
-    o, saved = _forward(q, k, v, gf, gb, dims, config, interpret)
-    return o, ((q, k, v, gf, gb), saved if _keeps_states(dims, config) else None)
+    keep = _keeps_states(dims, config)
+    scores = keep and config.save_scores
+    o, carries, a = _forward(q, k, v, gf, gb, dims, config, interpret, scores)
+    return o, ((q, k, v, gf, gb), (carries, a) if keep else None)
 
 
 def _bigla_bwd(dims, config, interpret, residuals, do):
