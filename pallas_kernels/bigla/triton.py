@@ -666,13 +666,12 @@ def _backward_dkv_kernel(
         w = _own_block_column(dat, j) * decay * q_j
         dk_f += jnp.where(before, w, 0.0)
         dk_b += jnp.where(after, w, 0.0)
-        prefix_b = prefix_b + _load_sub_row(gb_ref, c, j, dims)
         if scores:
-            return dk_f, dk_b, prefix_f, prefix_b
+            return dk_f, dk_b, prefix_f, prefix_b + _load_sub_row(gb_ref, c, j, dims)
         own_weight = decay + own_row.astype(jnp.float32)  # the token's own pair counts twice
         score = jnp.sum(q_j * k32 * own_weight, axis=1, keepdims=True)
         at = _place_own_block_column(at, score, j)
-        return dk_f, dk_b, at, prefix_f, prefix_b
+        return dk_f, dk_b, at, prefix_f, prefix_b + _load_sub_row(gb_ref, c, j, dims)
 
     zero = _prefix_init(dims)
     if scores:
