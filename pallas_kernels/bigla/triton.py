@@ -16,7 +16,8 @@ device memory. The sequence is cut into chunks of ``BT`` tokens (FLA's ``chunk``
   (register spills dominated a single kernel): ``bigla_backward_dq`` writes dq and q*dq per
   direction; ``bigla_backward_dkv`` writes dk, dv and both gate gradients (in place of the
   q*dq buffers). With ``Config.save_states`` the backward reuses the forward's state carries
-  and its state kernel only carries the two state gradients.
+  and its state kernel only carries the two state gradients; with ``Config.save_scores`` also
+  the forward's score matrices (dv without recomputing the in-sub-chunk scores).
 
 Inside a chunk (e.g. 32 rows = 2 sub-chunks of 16): scores between different sub-chunks are
 tensor core products of gate-rescaled operands around the sub-chunk boundary; inside a
