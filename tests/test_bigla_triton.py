@@ -92,7 +92,8 @@ def _cuda_lowering_text(shape, dtype, config):
         out = triton.bigla_triton(*args, config=config)
         return jnp.sum(out.astype(jnp.float32))
 
-    grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+    # value_and_grad: JAX >= 0.12 drops a forward whose value jax.grad leaves unused.
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))
     device = jax.sharding.AbstractDevice(
         device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"
     )
