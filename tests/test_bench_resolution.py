@@ -230,7 +230,7 @@ def test_crash_while_compiling_falls_back_to_one_thread_then_blames_the_chunk(tm
     # Once: the next child compiles on one thread and measures everything.
     runner = FakeRunner(args, [], crash={"vig_t/512/bfloat16/auto": "compile"})
     runner.run_all()
-    assert [c.compile_workers for c in runner.children] == [8, 1]
+    assert [c.compile_workers for c in runner.children] == [12, 1]
     assert all(r["status"] == "ok" for r in runner.rows)
     assert len(runner.rows) == len([u for c in br.plan_units(args) for u in c])
     # Twice: the chunk being compiled (512 and 768 px bf16) is blamed, the rest measured.
@@ -336,6 +336,7 @@ def test_smoke_run_end_to_end(tmp_path):
         assert 0.0 < r["loss"] < math.log(1000), r["loss"]
         assert r["implementation"] == "xla"
         assert r["xla_train_bytes"] > r["state_bytes"] > 0
+        assert r["infer_first_call_s"] > 0 and r["train_first_call_s"] > 0
     assert rows["vig_t"]["bigla_default_implementation"] == "xla"  # CPU
     # DeiT-T at 32 px (2x2 patches + class token), from the FLOPs subprocess.
     hand = 2 * deit_macs(192, 12, 32)
@@ -345,6 +346,12 @@ def test_smoke_run_end_to_end(tmp_path):
     assert png.stat().st_size > 10_000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "vig_t" in proc.stdout and "deit_t" in proc.stdout
+    # Heartbeats: every compilation of the child is echoed with its unit.
+    for name in ("vig_t/32/float32/auto", "deit_t/32/float32/auto"):
+        assert f"compiled {name} train b2" in proc.stdout
+        assert f"compiled {name} infer b2" in proc.stdout
+        assert f"ready {name}" in proc.stdout
+    assert "compiled init vig_t" in proc.stdout
 
 
 def test_parameters_are_reused_across_resolutions_with_new_position_embeddings():
@@ -391,5 +398,123 @@ def test_a_silent_child_is_killed_and_compiling_falls_back_to_one_thread(tmp_pat
     t0 = time.monotonic()
     runner.run_all()
     assert time.monotonic() - t0 < 30
-    assert [c.compile_workers for c in runner.configs] == [8, 1]
+    assert [c.compile_workers for c in runner.configs] == [12, 1]
     assert runner.rows == []  # nothing blamed on the first hang; the second child said nothing
+
+
+# ---- heartbeats, stall clock, chunk trimming, --resume of the committed H100 sweep -------------
+
+
+def _feed(lines, every: float, count: int) -> None:
+    """Puts ``count`` heartbeat lines into ``lines``, one per ``every`` seconds, then None."""
+    for i in range(count):
+        time.sleep(every)
+        lines.put(f"COMPILED {i} train b8 1\n")
+    lines.put(None)
+
+
+def test_every_line_resets_the_stall_clock():
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_feed, args=(lines, 0.1, 12), daemon=True).start()
+    got: list[str] = []
+    t0 = time.monotonic()
+    # 1.2 s of output, never 0.5 s without a line: not stalled.
+    assert br.pump_lines(lines, got.append, timeout=30.0, stall_seconds=0.5) is None
+    assert time.monotonic() - t0 > 1.0
+    assert got == [f"COMPILED {i} train b8 1" for i in range(12)]
+
+
+def test_silence_is_a_stall_and_endless_output_a_timeout():
+    import queue
+    import threading
+
+    silent: queue.Queue = queue.Queue()
+    silent.put("CHUNK 0\n")
+    t0 = time.monotonic()
+    assert br.pump_lines(silent, lambda _: None, timeout=30.0, stall_seconds=0.3) == "stalled"
+    assert 0.25 < time.monotonic() - t0 < 5.0
+    busy: queue.Queue = queue.Queue()
+    threading.Thread(target=_feed, args=(busy, 0.05, 10**6), daemon=True).start()
+    t0 = time.monotonic()
+    assert br.pump_lines(busy, lambda _: None, timeout=0.6, stall_seconds=0.3) == "timeout"
+    assert 0.55 < time.monotonic() - t0 < 5.0
+
+
+def test_a_child_printing_heartbeats_outlives_the_stall_seconds(tmp_path, capsys):
+    """A child compiling for 2 s (6x --stall-seconds) that prints a line per compilation is not
+    killed: one child, all threads kept, heartbeats echoed with the unit's name."""
+
+    class Busy(br.Runner):
+        def child_command(self, cfg):
+            self.configs.append(cfg)
+            code = (
+                "import time\nprint('CHUNK 0', flush=True)\n"
+                "for i in range(10):\n"
+                "    time.sleep(0.2)\n"
+                "    print(f'COMPILED 0 train b{2 ** i} 1', flush=True)\n"
+                "print('READY 0 2', flush=True)\n"
+            )
+            return [sys.executable, "-c", code]
+
+    args = make_args(tmp_path, "--models", "vig_t", "--resolutions", "224", "--no-bars")
+    args.dtypes, args.stall_seconds = "float32", 0.6
+    runner = Busy(args, [])
+    runner.configs = []
+    runner.run_all()
+    assert [c.compile_workers for c in runner.configs] == [12]
+    out = capsys.readouterr().out
+    assert "child exit 0" in out and "stalled" not in out
+    assert "compiled vig_t/224/float32/auto train b512 (1 s)" in out
+    assert "ready vig_t/224/float32/auto ready (2 s)" not in out
+    assert "ready vig_t/224/float32/auto (2 s)" in out
+
+
+def test_units_that_fit_compiles_only_a_chunk_that_can_be_timed_before_the_deadline():
+    units = [br.Unit(m, r, "bfloat16") for r in (224, 384) for m in ("vig_s", "deit_s")]
+    est = {"vig": 18.0, "deit": 4.0}
+    # Whole chunk: max(120, 4 x 28) + 2 x 18 + 2 x 4 = 164 s.
+    assert br.units_that_fit(units, 164.0, 28.0, 120.0, est) == 4
+    # 3 units: 120 + 18 + 4 + 18 = 160 s; 2: 120 + 22 = 142 s; 1: 138 s.
+    assert br.units_that_fit(units, 163.0, 28.0, 120.0, est) == 3
+    assert br.units_that_fit(units, 159.0, 28.0, 120.0, est) == 2
+    assert br.units_that_fit(units, 140.0, 28.0, 120.0, est) == 1
+    assert br.units_that_fit(units, 137.0, 28.0, 120.0, est) == 0
+    assert br.units_that_fit(units, math.inf, 28.0, 120.0, est) == 4
+
+
+def test_compile_order_starts_the_longest_compilations_first():
+    units = list(enumerate(br.Unit(m, r, "bfloat16") for r in (384, 2048) for m in br.MODELS))
+    order = [(u.model[:3], u.img) for _, u in br.compile_order(units)]
+    assert order == [("vig", 2048), ("vig", 2048), ("vig", 384), ("vig", 384)] + [
+        ("dei", 2048),
+        ("dei", 2048),
+        ("dei", 384),
+        ("dei", 384),
+    ]
+    assert sorted(br.compile_order(units)) == units  # a permutation, indices kept
+
+
+def test_resume_of_the_committed_h100_sweep_keeps_the_bars_and_retries_the_skipped(tmp_path):
+    committed = ROOT / "benchmarks" / "results" / "resolution_h100.json"
+    data, rows = br.read_rows(str(committed))
+    assert any(r["status"] == "skipped" for r in data["rows"])
+    assert all(r["status"] in ("ok", "oom") for r in rows)
+    args = br.parse_args(["--resume", "--out", str(committed), "--no-flops"])
+    pending = br.Runner(args, rows).pending()
+    units = [u for c in pending for u in c]
+    assert not any(u.batch is not None for u in units)  # no bar is measured again
+    measured_bars = {(r["model"], r["img_size"], r["batch"]) for r in rows if r.get("bar")}
+    assert measured_bars == set(br.BARS)
+    # First the deadline-skipped bf16 ViG-T/DeiT-T sizes, then ViG-S/DeiT-S, then fp32.
+    assert [len(c) for c in pending[:2]] == [args.chunk_size] * 2 == [6, 6]
+    first = [(u.model, u.img, u.dtype) for u in pending[0] + pending[1]]
+    assert first == [(m, r, "bfloat16") for r in br.RESOLUTIONS[1:] for m in ("vig_t", "deit_t")]
+    skipped = {(r["model"], r["img_size"], r["dtype"]) for r in data["rows"]}
+    skipped -= {(r["model"], r["img_size"], r["dtype"]) for r in rows}
+    assert skipped <= {(u.model, u.img, u.dtype) for u in units}
+    small = [u for u in units if u.dtype == "bfloat16" and u.model.endswith("_s")]
+    assert len(small) == 2 * len(br.RESOLUTIONS)
+    assert len(units) == 12 + 14 + 28
