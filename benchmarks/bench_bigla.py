@@ -92,7 +92,8 @@ def copy_bandwidth_gbs(iters: int = 20) -> float:
     return 2 * x.nbytes / (ms * 1e-3) / 1e9
 
 
-def _inputs(shape, dtype, seed=0):
+def make_inputs(shape, dtype, seed=0):
+    """Random q, k, v, gates (logsigmoid(3 N(0,1)) / 16, fp32) and cotangent for ``shape``."""
     b, h, n, dk, dv = shape
     keys = jax.random.split(jax.random.key(seed), 6)
     q = jax.random.normal(keys[0], (b, n, h, dk), dtype)
@@ -118,10 +119,10 @@ def _bytes(shape, dtype, backward: bool) -> int:
     return fwd + o + (qkv + gates)
 
 
-def _parse_config(text: str) -> dict:
-    """``"num_warps=8,chunk=32"`` -> {"num_warps": 8, "chunk": 32} (Triton Config fields)."""
+def parse_config(text: str) -> dict:
+    """``"num_warps=8,chunk=32"`` -> {"num_warps": 8, "chunk": 32}; "" -> {} (Config fields)."""
     out = {}
-    for item in filter(None, text.split(",")):
+    for item in filter(None, (x.strip() for x in text.split(","))):
         key, value = item.split("=")
         out[key.strip()] = None if value.strip() == "None" else int(value)
     return out
@@ -130,12 +131,12 @@ def _parse_config(text: str) -> dict:
 def bench_one(impl, shape, dtype_name, iters, measure, bandwidth, config=None):
     """Forward and forward + backward rows of one implementation, shape and dtype."""
     dtype = DTYPES[dtype_name]
-    q, k, v, gf, gb, do = _inputs(shape, dtype)
+    q, k, v, gf, gb, do = make_inputs(shape, dtype)
     options = {}
     if config:
         from pallas_kernels.bigla.triton import Config
 
-        options["config"] = Config(**_parse_config(config))
+        options["config"] = Config(**parse_config(config))
     op = lambda *a: api.bigla(*a, implementation=impl, **options)
 
     def fwd_bwd(q, k, v, gf, gb, do):

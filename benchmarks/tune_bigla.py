@@ -12,9 +12,9 @@ The sweep is the cartesian product of ``--grid`` (``field=v1,v2`` items) plus an
 
 Usage::
 
-    python benchmarks/tune_bigla.py --grid chunk=16,32,64 num_warps=2,4,8 \\
+    python -m benchmarks.tune_bigla --grid chunk=16,32,64 num_warps=2,4,8 \\
         --out benchmarks/results/tune_bigla_h100.json
-    python benchmarks/tune_bigla.py --configs "" "bwd_warps=8" "chunk=16,bwd_chunk=32"
+    python -m benchmarks.tune_bigla --configs "" "bwd_warps=8" "chunk=16,bwd_chunk=32"
 """
 
 from __future__ import annotations
@@ -27,21 +27,9 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 
+from benchmarks.bench_bigla import DEFAULT_SHAPES, DTYPES, make_inputs, parse_config
 from pallas_kernels.bigla import triton
-
-DEFAULT_SHAPES = ((128, 3, 196, 32, 64), (8, 3, 4096, 32, 64), (128, 12, 196, 32, 64))
-DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
-
-
-def parse_config(text: str) -> dict:
-    """``"num_warps=8,bwd_chunk=32"`` -> {"num_warps": 8, "bwd_chunk": 32}; "" -> {}."""
-    out = {}
-    for item in filter(None, (x.strip() for x in text.split(","))):
-        key, value = item.split("=")
-        out[key.strip()] = None if value.strip() == "None" else int(value)
-    return out
 
 
 def grid_configs(items: list[str]) -> list[dict]:
@@ -51,18 +39,6 @@ def grid_configs(items: list[str]) -> list[dict]:
         key, values = item.split("=")
         axes.append([(key.strip(), None if v == "None" else int(v)) for v in values.split(",")])
     return [dict(combo) for combo in itertools.product(*axes)] if axes else []
-
-
-def _inputs(shape, dtype, seed=0):
-    b, h, n, dk, dv = shape
-    keys = jax.random.split(jax.random.key(seed), 6)
-    q = jax.random.normal(keys[0], (b, n, h, dk), dtype)
-    k = jax.random.normal(keys[1], (b, n, h, dk), dtype)
-    v = jax.random.normal(keys[2], (b, n, h, dv), dtype)
-    gf = jax.nn.log_sigmoid(3 * jax.random.normal(keys[3], (b, n, h, dk), jnp.float32)) / 16
-    gb = jax.nn.log_sigmoid(3 * jax.random.normal(keys[4], (b, n, h, dk), jnp.float32)) / 16
-    do = jax.random.normal(keys[5], (b, n, h, dv), dtype)
-    return q, k, v, gf, gb, do
 
 
 def _vjp_fn(config: triton.Config, interpret: bool):
@@ -95,7 +71,7 @@ def time_config(shape, dtype, fields: dict, iters: int, once: bool = False) -> d
     config = triton.Config(**fields)
     on_gpu = jax.default_backend() == "gpu"
     fn = _vjp_fn(config, interpret=not on_gpu)
-    args = _inputs(shape, dtype)
+    args = make_inputs(shape, dtype)
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     compile_s = time.perf_counter() - start
