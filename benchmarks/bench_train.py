@@ -62,6 +62,16 @@ def bench_config(
     return config
 
 
+def fake_device_batch(batch: int, img: int, mesh, num_classes: int = 1000) -> dict:
+    """Random uint8 images [batch, img, img, 3] and int32 labels [batch], sharded on ``mesh``."""
+    rng = np.random.default_rng(0)
+    host = {
+        "image": rng.integers(0, 256, (batch, img, img, 3), dtype=np.uint8),
+        "label": rng.integers(0, num_classes, (batch,), dtype=np.int32),
+    }
+    return sharding.host_to_global(host, mesh)
+
+
 def time_steps(comps: trainer.Components, state, rngs, batch, warmup: int, steps: int):
     """Median and all step times (s) after ``warmup`` steps, synchronising every step."""
     for _ in range(warmup):
@@ -92,12 +102,7 @@ def run_one(args, model: str) -> dict:
     t0 = time.perf_counter()
     comps = trainer.build_components(config, mesh, 1000, config.total_steps, config.warmup_steps)
     state, rngs = comps.init()
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": rng.integers(0, 256, (args.batch, args.img, args.img, 3), dtype=np.uint8),
-        "label": rng.integers(0, 1000, (args.batch,), dtype=np.int32),
-    }
-    batch = sharding.host_to_global(batch, mesh)
+    batch = fake_device_batch(args.batch, args.img, mesh)
     state, metrics = comps.train_step(state, rngs, batch)  # Compile.
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0

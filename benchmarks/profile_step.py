@@ -18,9 +18,8 @@ import json
 from pathlib import Path
 
 import jax
-import numpy as np
 
-from benchmarks.bench_train import bench_config
+from benchmarks.bench_train import bench_config, fake_device_batch
 from train import sharding, trainer
 
 GROUPS = (
@@ -65,12 +64,7 @@ def profile_model(model: str, args) -> dict:
     mesh = sharding.make_mesh()
     comps = trainer.build_components(config, mesh, 1000, config.total_steps, config.warmup_steps)
     state, rngs = comps.init()
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": rng.integers(0, 256, (args.batch, args.img, args.img, 3), dtype=np.uint8),
-        "label": rng.integers(0, 1000, (args.batch,), dtype=np.int32),
-    }
-    batch = sharding.host_to_global(batch, mesh)
+    batch = fake_device_batch(args.batch, args.img, mesh)
     for _ in range(3):
         state, metrics = comps.train_step(state, rngs, batch)
     jax.block_until_ready(metrics)
