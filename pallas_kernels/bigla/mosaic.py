@@ -293,6 +293,19 @@ def _pad_tokens(x: jax.Array, extra: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
 
 
+def _pad_to_chunks(*operands: jax.Array) -> tuple[int, int, list[jax.Array]]:
+    """Three [B, N, H, D] operands and two gates -> (chunks, padded N, the five padded to it).
+
+    The gates (the last two) are cast to fp32; padded tokens are zero (gate 0: no decay).
+    """
+    n = operands[0].shape[1]
+    n_chunks = -(-n // CHUNK)
+    n_pad = n_chunks * CHUNK
+    *xs, gf, gb = operands
+    xs += [gf.astype(jnp.float32), gb.astype(jnp.float32)]
+    return n_chunks, n_pad, [_pad_tokens(x, n_pad - n) for x in xs]
+
+
 def bidirectional_chunked(
     x,
     y,
@@ -325,10 +338,7 @@ def bidirectional_chunked(
     bsz, n, h, dk = x.shape
     dv = z.shape[-1]
     op_dtype = x.dtype
-    n_chunks = -(-n // CHUNK)
-    n_pad = n_chunks * CHUNK
-    gf, gb = gf.astype(jnp.float32), gb.astype(jnp.float32)
-    x, y, z, gf, gb = (_pad_tokens(a, n_pad - n) for a in (x, y, z, gf, gb))
+    n_chunks, n_pad, (x, y, z, gf, gb) = _pad_to_chunks(x, y, z, gf, gb)
     kernel = functools.partial(
         _chunk_kernel,
         n_chunks=n_chunks,
@@ -528,10 +538,7 @@ def bidirectional_gated_output(
     bsz, n, h, dv = a.shape
     dk = c.shape[-1]
     op_dtype = a.dtype
-    n_chunks = -(-n // CHUNK)
-    n_pad = n_chunks * CHUNK
-    gf, gb = gf.astype(jnp.float32), gb.astype(jnp.float32)
-    a, b, c, gf, gb = (_pad_tokens(x, n_pad - n) for x in (a, b, c, gf, gb))
+    n_chunks, n_pad, (a, b, c, gf, gb) = _pad_to_chunks(a, b, c, gf, gb)
     kernel = functools.partial(
         _gated_output_kernel,
         n_chunks=n_chunks,
