@@ -34,10 +34,12 @@ the diagonal terms and the two cumulative sums of the gate gradients.
 
 Speed (H100, jax 0.11.2, (B, H, N, Dk, Dv) = (128, 3, 196, 32, 64) bf16, CUPTI; see
 ``benchmarks/results/bigla_mosaic_h100.json``): forward
-0.158 ms (Triton 0.134), forward + backward **0.599 ms (Triton 0.732)**, so Mosaic wins
-for training and Triton for inference at this shape. Each of the four kernel launches of fwd+bwd
-(forward, dv, dq, dk) takes 0.105-0.108 ms; the rest (0.17 ms) is XLA: padding, the fp32 sums of
-the two directions, casts, the gate-gradient cumsums. Measured variants of one kernel (ms):
+0.158 ms (Triton 0.134), forward + backward **0.599 ms (Triton 0.732 in the same run)**. The
+Triton kernels tuned afterwards (split backward, commit 2783671) take 0.110 / 0.473 ms
+(``benchmarks/results/tune_bigla_h100.json``), so Triton is faster and stays the default.
+Each of the four kernel launches of fwd+bwd (forward, dv, dq, dk) takes 0.105-0.108 ms; the
+rest (0.17 ms) is XLA: padding, the fp32 sums of the two directions, casts, the gate-gradient
+cumsums. Measured variants of one kernel (ms):
 16-row sub-blocks 0.105 vs 8-row 0.225 (half the rescaling work, and 92 KB instead of 124 KB
 SMEM: 2 programs per SM instead of 1); one program per direction 0.105 vs both directions in one
 0.132 (twice the programs on 132 SMs); the intra-chunk rescaling as a loop instead of unrolled
