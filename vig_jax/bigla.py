@@ -14,7 +14,8 @@ The op itself is :func:`pallas_kernels.bigla` (token-major ``[B, N, H, D]``); th
 builds its inputs. Raster order (row-major over (h, w)) is the forward scan direction.
 
 Mixed precision: the projections run in ``dtype``; the gate path (``gk_proj``, logsigmoid) runs
-in at least fp32, and the RMSNorm statistics are fp32 (Flax computes them in fp32).
+in at least fp32; the gated output (both RMSNorms, the sigmoid gate, SiLU) is one fp32
+expression with a hand-written gradient, :func:`vig_jax.fused.gated_norm_output`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels import bigla as bigla_op
+from vig_jax import fused
 from vig_jax.layers import (
     Dtype,
     rms_norm,
@@ -152,9 +154,13 @@ class BiGLA(nnx.Module):
             per_head(gb),
             implementation=self.implementation,
         )
-        g = per_head(jax.nn.sigmoid(self.g_proj(c)))
-        y = g * self.g_norm(o) + (1 - g) * self.l_norm(per_head(c))
-        y = y.reshape(b, n, d)
-        if self.out_act:
-            y = jax.nn.silu(y)
-        return self.o_proj(y).reshape(b, h, w, d)
+        y = fused.gated_norm_output(
+            o,
+            per_head(c),
+            per_head(self.g_proj(c)),
+            self.g_norm.scale[...],
+            self.l_norm.scale[...],
+            self.g_norm.epsilon,
+            self.out_act,
+        )
+        return self.o_proj(y.reshape(b, n, d)).reshape(b, h, w, d)

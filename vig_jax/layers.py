@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vig_jax import fused
+
 Dtype = jnp.dtype | type
 Initializer = nnx.initializers.Initializer
 
@@ -91,11 +93,30 @@ def normal_init(std: float = INIT_STD) -> Initializer:
 
 
 # ----------------------------------------------------------------------------- norms
+class RMSNorm(nnx.RMSNorm):
+    """``nnx.RMSNorm`` over the last axis computed by :func:`vig_jax.fused.rms_norm`.
+
+    Same parameter (``scale`` [D]) and forward formula; the arithmetic is fp32 (the input is
+    first cast to ``dtype`` as in Flax, the scale is not rounded to it), and the backward pass
+    keeps only the input and the per-row statistics.
+    """
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """[..., D] -> [..., D] in ``dtype`` (default: the input's and the scale's promoted)."""
+        if mask is not None:
+            raise ValueError("RMSNorm(mask=...) is not supported; expected mask=None")
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        scale = self.scale[...]
+        out_dtype = self.dtype if self.dtype is not None else jnp.result_type(x, scale)
+        return fused.rms_norm(x, scale, self.epsilon, jnp.dtype(out_dtype))
+
+
 def rms_norm(
     dim: int, *, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs
-) -> nnx.RMSNorm:
+) -> RMSNorm:
     """FLA's RMSNorm over the last axis: ``x / sqrt(mean(x^2) + 1e-6) * scale`` (stats in fp32)."""
-    return nnx.RMSNorm(dim, epsilon=RMS_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return RMSNorm(dim, epsilon=RMS_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def layer_norm(
@@ -222,8 +243,7 @@ def vig_h_mlp_hidden(dim: int) -> int:
 
 def _swiglu(x: jax.Array, w_in: nnx.Linear, w_out: nnx.Linear) -> jax.Array:
     """``w_out(silu(gate) * value)`` with ``gate, value = w_in(x).chunk(2)`` (gate first)."""
-    gate, value = jnp.split(w_in(x), 2, axis=-1)
-    return w_out(jax.nn.silu(gate) * value)
+    return w_out(fused.swiglu(w_in(x)))
 
 
 class SwiGLU(nnx.Module):
