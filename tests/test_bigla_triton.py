@@ -32,6 +32,8 @@ CASES = [  # (B, N, H, Dk, Dv), gates, Config kwargs
     ((2, 61, 3, 32, 64), "random", {"chunk": 32, "save_states": True}),
     ((1, 197, 2, 32, 64), "steep", {"save_scores": True}),  # forward's scores for dv
     ((1, 150, 3, 16, 32), "random", {"chunk": 32, "segments": 2, "save_scores": True}),
+    ((1, 197, 2, 32, 64), "steep", {"unroll_rows": True}),  # static row loops
+    ((1, 150, 1, 16, 32), "random", {"chunk": 32, "unroll_rows": True, "save_scores": True}),
 ]
 
 
@@ -108,14 +110,15 @@ def _cuda_lowering_text(shape, dtype, config):
     [
         (jnp.float32, triton.Config(segments=1), 5),
         (jnp.bfloat16, triton.Config(segments=3), 7),
-        (jnp.bfloat16, triton.Config(chunk=16, bwd_chunk=64, bwd_warps=2), 7),
-        (jnp.bfloat16, triton.Config(segments=3, save_states=False), 7),
+        (jnp.bfloat16, triton.Config(chunk=16, bwd_chunk=64, bwd_warps=2), 9),
+        (jnp.bfloat16, triton.Config(segments=3, save_states=False), 9),
         (jnp.bfloat16, triton.Config(save_scores=True), 7),
     ],
     ids=["fp32", "bf16-segments", "bf16-chunk16-bwd64", "bf16-recomputed-states", "bf16-scores"],
 )
 def test_forward_and_backward_lower_to_triton_for_cuda(dtype, config, calls):
-    """States, chunk (one forward, two backward) and, with segments, fold kernels lower."""
+    """States, chunk (one forward, two backward) and, with segments, fold kernels lower
+    (recomputed states: the backward runs the forward's state and fold kernels again)."""
     text = _cuda_lowering_text((2, 197, 3, 32, 64), dtype, config)
     assert text.count("__gpu$xla.gpu.triton") == calls
 

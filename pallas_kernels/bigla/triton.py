@@ -8,16 +8,23 @@ device memory. The sequence is cut into chunks of ``BT`` tokens (FLA's ``chunk``
   state walks right to left in the same loop; the state entering each chunk is stored. The
   backward pass also carries the gradients of both states (reading q and the cotangent).
 * **segments** (long sequences only): each segment's summary (decay and state) is folded into
-  the state entering every segment by a tiny kernel, and added to the segment's per-chunk
-  carries in one elementwise pass, so that the chunk kernels know nothing of segments.
+  the state entering every segment by a tiny kernel. Nothing completes the per-chunk carries
+  in memory (an elementwise pass over [B, H, chunks, Dk, Dv] cost ~0.02 ms per carry pair
+  at 8x3x4096): a chunk kernel takes a carry as its segment-local part and the segment's
+  incoming state, the chunk's decay from the segment's edge folded into the row-side
+  exponents, as two tensor-core products (no [Dk, Dv] elementwise work: adding the parts in
+  the chunk kernels was much slower). The gate gradients' cross terms ``sum_v(h * d)`` are
+  split the same way: the backward state kernel sums the complete h against its local d,
+  the fold h_in against d_in, and only ``sum_v(h_local * d_in)`` is left to the dk/dv kernel.
 * **chunk** (one program per batch, head and chunk, fully parallel): the forward writes the
   output rows of the chunk once (intra-chunk part of both directions + both inter-chunk
   parts). The backward is split in two kernels so that few [BT, D] tiles are live at once
   (register spills dominated a single kernel): ``bigla_backward_dq`` writes dq and q*dq per
   direction; ``bigla_backward_dkv`` writes dk, dv and both gate gradients (in place of the
-  q*dq buffers). With ``Config.save_states`` the backward reuses the forward's state carries
-  and its state kernel only carries the two state gradients; with ``Config.save_scores`` also
-  the forward's score matrices (dv without recomputing the in-sub-chunk scores).
+  q*dq buffers). The backward's state kernel carries the two state gradients, from the
+  forward's state carries: saved ones with ``Config.save_states``, else recomputed by the
+  forward's state kernel; with ``Config.save_scores`` the backward also reuses the
+  forward's score matrices (dv without recomputing the in-sub-chunk scores).
 
 Inside a chunk (e.g. 32 rows = 2 sub-chunks of 16): scores between different sub-chunks are
 tensor core products of gate-rescaled operands around the sub-chunk boundary; inside a
@@ -68,6 +75,8 @@ class Config:
         the forward's): more residual memory, less backward work.
       save_scores: with saved states, also keep each chunk's score matrix ([B, H, chunks,
         BT, BT] fp32) for dv, so that the backward does not recompute the in-sub-chunk scores.
+      unroll_rows: unroll the chunk kernels' 16-step in-sub-chunk loops (static row index:
+        constant masks, no loop overhead; longer compiles).
     """
 
     chunk: int = 16
@@ -84,6 +93,7 @@ class Config:
     save_states: bool = True
     state_stages: int | None = 3
     save_scores: bool = False
+    unroll_rows: bool = False
 
     def __post_init__(self):
         if self.fp32_dots not in ("tf32x3", "ieee"):
@@ -127,6 +137,7 @@ class _Dims:
     scale: float
     dot_dtype: jnp.dtype
     precision: lax.Precision | lax.DotAlgorithmPreset
+    unroll: bool = False  # Config.unroll_rows
 
     @property
     def subs(self) -> int:
@@ -179,6 +190,7 @@ def _dims(q, v, scale, config: Config, interpret: bool) -> _Dims:
         scale=dk**-0.5 if scale is None else float(scale),
         dot_dtype=jnp.dtype(jnp.bfloat16 if low else jnp.float32),
         precision=precision,
+        unroll=bool(config.unroll_rows),
     )
 
 
@@ -381,6 +393,16 @@ def _diag_key_decay(g: _Gates, j, prefix_f, prefix_b, dims: _Dims):
     return jnp.exp(jnp.where(before, prefix_f - g.pf, jnp.where(after, g.xb - prefix_b, 0.0)))
 
 
+def _row_loop(body, init, dims: _Dims):
+    """``body(j, carry)`` for the 16 rows j of a sub-chunk: a loop, or unrolled (static j)."""
+    if not dims.unroll:
+        return lax.fori_loop(0, SUB, body, init)
+    carry = init
+    for j in range(SUB):
+        carry = body(j, carry)
+    return carry
+
+
 def _own_block_cols(shape, j):
     """[BT, BT] mask of column ``sub(r) * 16 + j`` in row r (entry j of r's own sub-chunk)."""
     return _iota(shape, 1) == (_iota(shape, 0) // SUB) * SUB + j
@@ -408,10 +430,59 @@ def _segment(dims: _Dims):
 
 
 # State-kernel carries: name -> (walks from the left?, gate direction). h_f / h_b are the
-# forward / backward direction's states, d_f / d_b their gradients.
+# forward / backward direction's states, d_f / d_b their gradients (partners h_f, h_b).
 _CARRY_WALKS = {"h_f": (True, "f"), "h_b": (False, "b"), "d_f": (False, "f"), "d_b": (True, "b")}
 _STATES = ("h_f", "h_b")
 _GRADS = ("d_f", "d_b")
+
+
+def _n_carry_refs(n: int, dims: _Dims) -> int:
+    """Refs of n carries: local [NC_pad, Dk, Dv] (+ log [NC_pad, Dk], incoming [NS_pad, Dk, Dv])."""
+    return n if dims.ns == 1 else 3 * n
+
+
+@dataclasses.dataclass
+class _ChunkCarry:
+    """One carry entering chunk c: local + exp(log)[:, None] * incoming (the last two None
+    without segments). local, incoming [Dk, Dv] in the dot dtype, log [Dk] fp32 (<= 0)."""
+
+    local: jax.Array
+    log: jax.Array | None = None
+    incoming: jax.Array | None = None
+
+    def full(self) -> jax.Array:
+        """The complete carry, [Dk, Dv] fp32 (elementwise: only for the state kernels)."""
+        x = self.local.astype(jnp.float32)
+        if self.log is None:
+            return x
+        return x + jnp.exp(self.log)[:, None] * self.incoming.astype(jnp.float32)
+
+
+def _chunk_carries(c, refs, n: int, dims: _Dims) -> list[_ChunkCarry]:
+    """The n carries of chunk c from their :func:`_n_carry_refs` refs (locals, logs, incoming)."""
+    if dims.ns == 1:
+        return [_ChunkCarry(ref[c, :, :]) for ref in refs]
+    seg = c // dims.cps
+    return [
+        _ChunkCarry(local[c, :, :], log[c, :], incoming[seg, :, :])
+        for local, log, incoming in zip(refs[:n], refs[n : 2 * n], refs[2 * n :], strict=True)
+    ]
+
+
+def _through(x, e, carry: _ChunkCarry, dims: _Dims):
+    """(x * exp(e)) @ carry, [BT, Dv]: x, e [BT, Dk]; the incoming part as its own product."""
+    out = _mm(x * jnp.exp(e), carry.local, dims)
+    if carry.log is not None:
+        out += _mm(x * jnp.exp(e + carry.log[None, :]), carry.incoming, dims)
+    return out
+
+
+def _through_t(y, e, carry: _ChunkCarry, dims: _Dims):
+    """(y @ carry^T) * exp(e), [BT, Dk]: y [BT, Dv], e [BT, Dk] (like :func:`_through`)."""
+    out = _mm_nt(y, carry.local, dims) * jnp.exp(e)
+    if carry.log is not None:
+        out += _mm_nt(y, carry.incoming, dims) * jnp.exp(e + carry.log[None, :])
+    return out
 
 
 def _states_kernel(*refs, dims: _Dims, names: tuple[str, ...]):
@@ -420,55 +491,62 @@ def _states_kernel(*refs, dims: _Dims, names: tuple[str, ...]):
     Left walkers (h_f, d_b) move left to right and right walkers (h_b, d_f) right to left
     in the same loop. Per chunk it stores the segment-local carry; with segments it also
     stores the log decays from the segment's edge and the segment's own summary.
-    Inputs: q, k, v, gf, gb and, when a gradient carry is among ``names``, do.
+    Inputs: q, k, v, gf, gb and, for the gradient carries (``names == _GRADS``), do and the
+    forward's state carries (:func:`_n_carry_refs` refs of h_f, h_b), from which it also
+    stores per chunk the cross partial ``sum_v(h_full * d_local)`` [Dk] of each direction.
     """
-    grads = any(name in _GRADS for name in names)
-    n_in = 6 if grads else 5
+    grads = names == _GRADS
+    n = len(names)
     q_ref, k_ref, v_ref, gf_ref, gb_ref = refs[:5]
-    do_ref = refs[5] if grads else None
-    outs = list(refs[n_in:])
-    n_carry = len(names)
-    carry_refs, outs = outs[:n_carry], outs[n_carry:]
+    refs = refs[5:]
+    if grads:
+        do_ref, refs = refs[0], refs[1:]
+        n_h = _n_carry_refs(n, dims)
+        h_refs, refs = refs[:n_h], refs[n_h:]
+    carry_refs, refs = refs[:n], refs[n:]
+    if grads:
+        cross_refs, refs = refs[:n], refs[n:]
     segmented = dims.ns > 1
     if segmented:
-        log_refs, outs = outs[:n_carry], outs[n_carry:]  # per chunk
-        sum_refs, outs = outs[:n_carry], outs[n_carry:]  # per segment
-        seg_log_f_ref, seg_log_b_ref = outs
+        log_refs, sum_refs = refs[:n], refs[n : 2 * n]  # per chunk, per segment
+        seg_log_f_ref, seg_log_b_ref = refs[2 * n :]
     first, last = _segment(dims)
-    states_needed = any(name in _STATES for name in names)
+    if grads and segmented:  # the forward's incoming states of this segment, loaded once
+        seg = pl.program_id(2)
+        h_in = [ref[seg, :, :] for ref in h_refs[2 * n :]]
+
+    def partner(idx, c):  # the forward's complete state carry of chunk c, fp32
+        if not segmented:
+            return _ChunkCarry(h_refs[idx][c, :, :]).full()
+        return _ChunkCarry(h_refs[idx][c, :, :], h_refs[n + idx][c, :], h_in[idx]).full()
 
     def load(c):
         g = _gates(_load_chunk_rows(gf_ref, c, dims), _load_chunk_rows(gb_ref, c, dims), dims)
-        k = v = q = do = None
-        if states_needed:
-            k = _load_chunk_rows(k_ref, c, dims)
-            v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
         if grads:
             q = _load_chunk_rows(q_ref, c, dims)
             do = _load_chunk_rows(do_ref, c, dims) * (0.5 * dims.scale)
-        return q, k, v, do, g
+            return q, do, g
+        k = _load_chunk_rows(k_ref, c, dims)
+        v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
+        return k, v, g
 
     def step(name, x, chunk):
-        q, k, v, do, g = chunk
+        a, b, g = chunk  # (k, v) or (q, do)
         total = g.total_f if _CARRY_WALKS[name][1] == "f" else g.total_b
-        if name == "h_f":
-            new = _mm_tn(k * jnp.exp(g.kf), v, dims)
-        elif name == "h_b":
-            new = _mm_tn(k * jnp.exp(g.kb), v, dims)
-        elif name == "d_f":
-            new = _mm_tn(q * jnp.exp(g.qf), do, dims)
-        else:
-            new = _mm_tn(q * jnp.exp(g.qb), do, dims)
-        return jnp.exp(total)[:, None] * x + new, total
+        exponent = {"h_f": g.kf, "h_b": g.kb, "d_f": g.qf, "d_b": g.qb}[name]
+        return jnp.exp(total)[:, None] * x + _mm_tn(a * jnp.exp(exponent), b, dims), total
 
     def body(i, carry):
         states, logs = carry
         c_l, c_r = first + i, last - 1 - i
         chunk_of = lambda name: c_l if _CARRY_WALKS[name][0] else c_r
         for idx, name in enumerate(names):
-            carry_refs[idx][chunk_of(name), :, :] = states[idx].astype(carry_refs[idx].dtype)
+            c = chunk_of(name)
+            carry_refs[idx][c, :, :] = states[idx].astype(carry_refs[idx].dtype)
+            if grads:
+                cross_refs[idx][c, :] = jnp.sum(partner(idx, c) * states[idx], axis=1)
             if segmented:  # log decay from the segment's edge to the chunk
-                log_refs[idx][chunk_of(name), :] = logs[idx]
+                log_refs[idx][c, :] = logs[idx]
         new_states, new_logs = list(states), list(logs)
         for from_left, c in ((True, c_l), (False, c_r)):  # one chunk's values live at a time
             chunk = load(c)
@@ -480,7 +558,7 @@ def _states_kernel(*refs, dims: _Dims, names: tuple[str, ...]):
 
     zero_s = jnp.zeros((dims.dk, dims.dv), jnp.float32)
     zero_d = jnp.zeros((dims.dk,), jnp.float32)
-    init = ((zero_s,) * n_carry, (zero_d,) * n_carry)
+    init = ((zero_s,) * n, (zero_d,) * n)
     states, logs = lax.fori_loop(0, last - first, body, init)
     if segmented:
         for ref, x in zip(sum_refs, states, strict=True):
@@ -490,10 +568,21 @@ def _states_kernel(*refs, dims: _Dims, names: tuple[str, ...]):
         seg_log_b_ref[...] = logs[gates.index("b")]
 
 
+_FOLD_UNROLL = 32  # the fold kernel's loop over segments is unrolled up to this many
+
+
 def _fold_kernel(log_f_ref, log_b_ref, *refs, dims: _Dims, names: tuple[str, ...]):
-    """Carries entering every segment from the segment summaries (sequential over segments)."""
+    """Carries entering every segment from the segment summaries (sequential over segments).
+
+    Refs: summaries, [gradient carries: the forward's incoming states], outputs: incoming
+    carries (dot dtype), [gradient carries: ``sum_v(h_in * d_in)`` [NS_pad, Dk] fp32].
+    """
     n = len(names)
-    sum_refs, in_refs = refs[:n], refs[n:]
+    grads = names == _GRADS
+    sum_refs, refs = refs[:n], refs[n:]
+    if grads:
+        h_in_refs, refs = refs[:n], refs[n:]
+    in_refs, z_refs = refs[:n], refs[n:]
     zero = jnp.zeros((dims.dk, dims.dv), jnp.float32)
 
     def body(i, carries):
@@ -502,30 +591,36 @@ def _fold_kernel(log_f_ref, log_b_ref, *refs, dims: _Dims, names: tuple[str, ...
             from_left, gate = _CARRY_WALKS[name]
             log_ref = log_f_ref if gate == "f" else log_b_ref
             seg = i if from_left else dims.ns - 1 - i
-            in_refs[idx][seg, :, :] = h
+            in_refs[idx][seg, :, :] = h.astype(in_refs[idx].dtype)
+            if grads:
+                partner = h_in_refs[idx][seg, :, :].astype(jnp.float32)
+                z_refs[idx][seg, :] = jnp.sum(partner * h, axis=1)
             new.append(jnp.exp(log_ref[seg, :])[:, None] * h + sum_refs[idx][seg, :, :])
         return tuple(new)
 
-    lax.fori_loop(0, dims.ns, body, (zero,) * n)
-
-
-def _carries_of_chunk(c, carry_refs):
-    """The carries of chunk c (complete: segments already folded in), [Dk, Dv] fp32 each."""
-    return [ref[c, :, :].astype(jnp.float32) for ref in carry_refs]
+    carries = (zero,) * n
+    if dims.ns > _FOLD_UNROLL:
+        lax.fori_loop(0, dims.ns, body, carries)
+        return
+    for i in range(dims.ns):  # static: every segment's loads can be issued up front
+        carries = body(i, carries)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, *refs, dims: _Dims, scores: bool):
-    """Output rows of one chunk; with ``scores`` also its [BT, BT] score matrix (query-major)."""
-    carry_refs, refs = refs[:2], refs[2:]
+    """Output rows of one chunk; with ``scores`` also its [BT, BT] score matrix (query-major).
+
+    Refs after the inputs: the state carries h_f, h_b (:func:`_n_carry_refs`), outputs.
+    """
+    n_h = _n_carry_refs(2, dims)
+    carry_refs, refs = refs[:n_h], refs[n_h:]
     o_ref = refs[0]
     c = pl.program_id(2)
     q32 = _load_chunk_rows(q_ref, c, dims)
     k32 = _load_chunk_rows(k_ref, c, dims)
     v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
     g = _gates(_load_chunk_rows(gf_ref, c, dims), _load_chunk_rows(gb_ref, c, dims), dims)
-    h_f, h_b = _carries_of_chunk(c, carry_refs)
-    o = _mm(q32 * jnp.exp(g.qf), h_f, dims)
-    o += _mm(q32 * jnp.exp(g.qb), h_b, dims)
+    h_f, h_b = _chunk_carries(c, carry_refs, 2, dims)
+    o = _through(q32, g.qf, h_f, dims) + _through(q32, g.qb, h_b, dims)
 
     def column(j, carry):  # key row j of every sub-chunk: the diagonal blocks' scores, exact
         a, prefix_f, prefix_b = carry
@@ -539,7 +634,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, *refs, dims: _Dims, sco
 
     zero = _prefix_init(dims)
     a = _off_diagonal_scores(q32, k32, g, dims)  # zero on the diagonal blocks
-    a, _, _ = lax.fori_loop(0, SUB, column, (a, zero, zero))
+    a, _, _ = _row_loop(column, (a, zero, zero), dims)
     o += _mm(a, v, dims)
     _store_chunk_rows(o_ref, c, dims, o * (0.5 * dims.scale))
     if scores:
@@ -553,7 +648,8 @@ def _backward_dq_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims
     inter-chunk and off-diagonal terms first, then the in-sub-chunk loop, so that little
     besides the loop's own values is live across it.
     """
-    carry_refs, refs = refs[:2], refs[2:]
+    n_h = _n_carry_refs(2, dims)
+    carry_refs, refs = refs[:n_h], refs[n_h:]
     dq_ref, qdq_f_ref, qdq_b_ref = refs
     c = pl.program_id(2)
     k32 = _load_chunk_rows(k_ref, c, dims)
@@ -563,9 +659,9 @@ def _backward_dq_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims
     da = _mm_nt(do, v, dims)  # [BT, BT]: d score[r, s]
 
     # Inter-chunk terms, then the off-diagonal sub-blocks.
-    h_f, h_b = _carries_of_chunk(c, carry_refs)
-    dq_f = _mm_nt(do, h_f, dims) * jnp.exp(g.qf)
-    dq_b = _mm_nt(do, h_b, dims) * jnp.exp(g.qb)
+    h_f, h_b = _chunk_carries(c, carry_refs, 2, dims)
+    dq_f = _through_t(do, g.qf, h_f, dims)
+    dq_b = _through_t(do, g.qb, h_b, dims)
     sub = _iota((dims.bt, 1), 0) // SUB
     e_pf, e_sb = jnp.exp(g.pf), jnp.exp(g.sb)
     for direction, i, key_factor in _boundary_factors(g, dims):
@@ -587,11 +683,28 @@ def _backward_dq_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims
         return dq_f, dq_b, prefix_f, prefix_b + _load_sub_row(gb_ref, c, j, dims)
 
     zero = _prefix_init(dims)
-    dq_f, dq_b, _, _ = lax.fori_loop(0, SUB, dq_column, (dq_f, dq_b, zero, zero))
+    dq_f, dq_b, _, _ = _row_loop(dq_column, (dq_f, dq_b, zero, zero), dims)
     _store_chunk_rows(dq_ref, c, dims, dq_f + dq_b + own * k32)
     q32 = _load_chunk_rows(q_ref, c, dims)
     _store_chunk_rows(qdq_f_ref, c, dims, q32 * dq_f)
     _store_chunk_rows(qdq_b_ref, c, dims, q32 * dq_b)
+
+
+def _cross(c, idx, d: _ChunkCarry, partial_refs, h_refs, dims: _Dims):
+    """sum_v(h * d) [Dk] of the complete carries of chunk c (direction idx: 0 f, 1 b).
+
+    With h = h_loc + a h_in and d = d_loc + b d_in (a, b the decays from the segment's edge):
+    the state kernel's partial sum_v(h * d_loc) + b (sum_v(h_loc * d_in) + a sum_v(h_in * d_in)),
+    the last sum per segment from the fold; only the middle one is [Dk, Dv] work here.
+    """
+    partial = partial_refs[idx][c, :]
+    if dims.ns == 1:
+        return partial
+    h_loc = h_refs[idx][c, :, :].astype(jnp.float32)
+    a = jnp.exp(h_refs[2 + idx][c, :])
+    z = h_refs[4 + idx][c // dims.cps, :]
+    local_in = jnp.sum(h_loc * d.incoming.astype(jnp.float32), axis=1)
+    return partial + jnp.exp(d.log) * (local_in + a * z)
 
 
 def _backward_dkv_kernel(
@@ -614,11 +727,18 @@ def _backward_dkv_kernel(
     dgf = suffix-sum(a_f) + exclusive prefix-sum(b_f) + cross_f and
     dgb = prefix-sum(a_b) + exclusive suffix-sum(b_b) + cross_b, one cumulative sum each.
     With ``scores`` the first extra ref holds the forward's score matrices (dv needs them).
+    Then the gradient carries d_f, d_b (:func:`_n_carry_refs`), their cross partials
+    sum_v(h_full * d_local) [NC_pad, Dk] and, with segments, the forward's local state
+    carries, their logs and sum_v(h_in * d_in) per segment (see :func:`_cross`).
     """
     a_ref = None
     if scores:
         a_ref, refs = refs[0], refs[1:]
-    carry_refs, refs = refs[:4], refs[4:]
+    n_d = _n_carry_refs(2, dims)
+    d_refs, partial_refs, refs = refs[:n_d], refs[n_d : n_d + 2], refs[n_d + 2 :]
+    h_refs = None
+    if dims.ns > 1:
+        h_refs, refs = refs[:6], refs[6:]
     dk_ref, dv_ref, dgf_ref, dgb_ref = refs
     c = pl.program_id(2)
     q32 = _load_chunk_rows(q_ref, c, dims)
@@ -630,17 +750,16 @@ def _backward_dkv_kernel(
 
     # Inter-chunk terms: dv's, and dk's as part of the output (dk_inter) and of the gate
     # gradients (b = k * dk per direction), with the cross terms.
-    h_f, h_b, d_f, d_b = _carries_of_chunk(c, carry_refs)
-    e_kf, e_kb = jnp.exp(g.kf), jnp.exp(g.kb)
-    dk_f_inter = _mm_nt(v, d_f, dims) * e_kf
-    dk_b_inter = _mm_nt(v, d_b, dims) * e_kb
-    dv = _mm(k32 * e_kf, d_f, dims) + _mm(k32 * e_kb, d_b, dims)
+    d_f, d_b = _chunk_carries(c, d_refs, 2, dims)
+    dk_f_inter = _through_t(v, g.kf, d_f, dims)
+    dk_b_inter = _through_t(v, g.kb, d_b, dims)
+    dv = _through(k32, g.kf, d_f, dims) + _through(k32, g.kb, d_b, dims)
     own = 2.0 * jnp.sum(do * v.astype(jnp.float32), axis=1, keepdims=True)  # both directions
     dk_rest = dk_f_inter + dk_b_inter + own * q32
     b_f = k32 * dk_f_inter
     b_b = k32 * dk_b_inter
-    cross_f = jnp.exp(g.total_f) * jnp.sum(h_f * d_f, axis=1)
-    cross_b = jnp.exp(g.total_b) * jnp.sum(h_b * d_b, axis=1)
+    cross_f = jnp.exp(g.total_f) * _cross(c, 0, d_f, partial_refs, h_refs, dims)
+    cross_b = jnp.exp(g.total_b) * _cross(c, 1, d_b, partial_refs, h_refs, dims)
 
     # Off-diagonal sub-blocks; at[s, r] collects the score of query r and key s.
     sub = _iota((dims.bt, 1), 0) // SUB
@@ -676,10 +795,10 @@ def _backward_dkv_kernel(
 
     zero = _prefix_init(dims)
     if scores:
-        dk_f, dk_b, _, _ = lax.fori_loop(0, SUB, dk_column, (dk_f, dk_b, zero, zero))
+        dk_f, dk_b, _, _ = _row_loop(dk_column, (dk_f, dk_b, zero, zero), dims)
         dv += _mm_tn(a_ref[c, :, :], do, dims)
     else:
-        dk_f, dk_b, at, _, _ = lax.fori_loop(0, SUB, dk_column, (dk_f, dk_b, at, zero, zero))
+        dk_f, dk_b, at, _, _ = _row_loop(dk_column, (dk_f, dk_b, at, zero, zero), dims)
         dv += _mm(at, do, dims)
     _store_chunk_rows(dv_ref, c, dims, dv)
     _store_chunk_rows(dk_ref, c, dims, dk_f + dk_b + dk_rest)
@@ -724,84 +843,89 @@ def _state_params(config: Config):
     return _params(config.state_warps, stages)
 
 
-def _carries(args, dims: _Dims, config: Config, interpret: bool, names: tuple[str, ...]):
-    """Per-chunk carries (and, with segments, what adding the segments' inputs needs).
+def _carry_set_specs(n: int, dims: _Dims) -> list[pl.BlockSpec]:
+    """BlockSpecs of n carries in :func:`_n_carry_refs` order (locals, logs, incoming)."""
+    specs = [_per_bh_spec(dims.nc_pad, dims.dk, dims.dv)] * n
+    if dims.ns > 1:
+        specs += [_per_bh_spec(dims.nc_pad, dims.dk)] * n
+        specs += [_per_bh_spec(dims.ns_pad, dims.dk, dims.dv)] * n
+    return specs
+
+
+def _carries(args, dims: _Dims, config: Config, interpret: bool, names, h_set=None):
+    """Per-chunk carries in :func:`_n_carry_refs` order, and for gradients the cross terms.
 
     Args:
-      args: (q, k, v, gf, gb) and, for gradient carries, do.
-      names: which carries (see ``_CARRY_WALKS``), in the order they are returned.
+      args: (q, k, v, gf, gb) and, for the gradient carries, do.
+      names: ``_STATES`` or ``_GRADS`` (see ``_CARRY_WALKS``), in the order returned.
+      h_set: for ``_GRADS``, the state carries (this function's result for ``_STATES``).
 
     Returns:
-      list of [B, H, NC_pad, Dk, Dv] carries entering each chunk, in the dot dtype (with
-      segments: the segment-local carries completed by :func:`_add_incoming`).
+      (carry_set, cross): carry_set lists the [B, H, NC_pad, Dk, Dv] segment-local carries
+      entering each chunk (dot dtype), and with segments their [B, H, NC_pad, Dk] log decays
+      from the segment's edge and the [B, H, NS_pad, Dk, Dv] carries entering each segment
+      (dot dtype): nothing completes them in memory, the chunk kernels use the parts.
+      cross: None for states; for gradients the per-chunk partials [B, H, NC_pad, Dk] and,
+      with segments, the per-segment sum_v(h_in * d_in) [B, H, NS_pad, Dk] (see _cross).
     """
     b, _, h, _ = args[0].shape
     n = len(names)
-    grads = any(name in _GRADS for name in names)
+    grads = names == _GRADS
     carry = jax.ShapeDtypeStruct((b, h, dims.nc_pad, dims.dk, dims.dv), dims.dot_dtype)
-    out_shape = [carry] * n
+    per_chunk = jax.ShapeDtypeStruct((b, h, dims.nc_pad, dims.dk), jnp.float32)
+    out_shape = [carry] * n + [per_chunk] * (n if grads else 0)
     out_specs = [_per_bh_spec(dims.nc_pad, dims.dk, dims.dv)] * n
+    out_specs += [_per_bh_spec(dims.nc_pad, dims.dk)] * (n if grads else 0)
     if dims.ns > 1:
-        log = jax.ShapeDtypeStruct((b, h, dims.nc_pad, dims.dk), jnp.float32)
         summary = jax.ShapeDtypeStruct((b, h, dims.ns_pad, dims.dk, dims.dv), jnp.float32)
         seg_log = jax.ShapeDtypeStruct((b, h, dims.ns_pad, dims.dk), jnp.float32)
-        out_shape += [log] * n + [summary] * n + [seg_log] * 2
+        out_shape += [per_chunk] * n + [summary] * n + [seg_log] * 2
         out_specs += [_per_bh_spec(dims.nc_pad, dims.dk)] * n
         out_specs += [_per_program_spec(dims.dk, dims.dv)] * n + [_per_program_spec(dims.dk)] * 2
+    in_specs = [_seq_spec(dims, x.shape[-1]) for x in args]
+    extra = list(h_set) if grads else []
     outs = pl.pallas_call(
         functools.partial(_states_kernel, dims=dims, names=names),
         out_shape=out_shape,
         grid=(b, h, dims.ns),
-        in_specs=[_seq_spec(dims, x.shape[-1]) for x in args],
+        in_specs=in_specs + (_carry_set_specs(n, dims) if grads else []),
         out_specs=out_specs,
         compiler_params=_state_params(config),
         interpret=interpret,
         name="bigla_states_bwd" if grads else "bigla_states",
-    )(*args)
-    carries = list(outs[:n])
+    )(*args, *extra)
+    carries, outs = list(outs[:n]), outs[n:]
+    partials = None
+    if grads:
+        partials, outs = list(outs[:n]), outs[n:]
     if dims.ns == 1:
-        return carries
-    logs, summaries, seg_logs = outs[n : 2 * n], outs[2 * n : 3 * n], outs[3 * n :]
-    incoming = pl.pallas_call(
+        return carries, (None if partials is None else (partials, None))
+    logs, summaries, seg_logs = list(outs[:n]), outs[n : 2 * n], outs[2 * n :]
+    incoming = jax.ShapeDtypeStruct(summaries[0].shape, dims.dot_dtype)
+    seg_vec = jax.ShapeDtypeStruct(seg_logs[0].shape, jnp.float32)
+    h_in = list(h_set[2 * n :]) if grads else []
+    folded = pl.pallas_call(
         functools.partial(_fold_kernel, dims=dims, names=names),
-        out_shape=[jax.ShapeDtypeStruct(summaries[0].shape, jnp.float32)] * n,
+        out_shape=[incoming] * n + [seg_vec] * len(h_in),
         grid=(b, h, 1),
         in_specs=[_per_bh_spec(dims.ns_pad, dims.dk)] * 2
-        + [_per_bh_spec(dims.ns_pad, dims.dk, dims.dv)] * n,
-        out_specs=[_per_bh_spec(dims.ns_pad, dims.dk, dims.dv)] * n,
+        + [_per_bh_spec(dims.ns_pad, dims.dk, dims.dv)] * (n + len(h_in)),
+        out_specs=[_per_bh_spec(dims.ns_pad, dims.dk, dims.dv)] * n
+        + [_per_bh_spec(dims.ns_pad, dims.dk)] * len(h_in),
         compiler_params=_state_params(config),
         interpret=interpret,
         name="bigla_segment_fold",
-    )(*seg_logs, *summaries)
-    return [_add_incoming(*x, dims) for x in zip(carries, logs, incoming, strict=True)]
-
-
-def _add_incoming(carry, log, incoming, dims: _Dims):
-    """Complete carries: segment-local carry + decay from the segment's edge * incoming.
-
-    One fused elementwise pass (XLA) over [B, H, NC_pad, Dk, Dv], so that the chunk kernels
-    read one carry per chunk and nothing about segments.
-
-    Args:
-      carry: [B, H, NC_pad, Dk, Dv] segment-local carries (dot dtype).
-      log: [B, H, NC_pad, Dk] log decay between the segment's edge and the chunk (<= 0).
-      incoming: [B, H, NS_pad, Dk, Dv] fp32 carry entering each segment.
-    """
-    seg = jnp.minimum(jnp.arange(dims.nc_pad) // dims.cps, dims.ns_pad - 1)
-    full = carry.astype(jnp.float32) + jnp.exp(log)[..., None] * incoming[:, :, seg]
-    return full.astype(carry.dtype)
-
-
-def _carry_specs(carries, dims: _Dims):
-    return [_per_bh_spec(dims.nc_pad, dims.dk, dims.dv)] * len(carries)
+    )(*seg_logs, *summaries, *h_in)
+    carry_set = carries + logs + list(folded[:n])
+    return carry_set, (None if partials is None else (partials, list(folded[n:])))
 
 
 def _forward(q, k, v, gf, gb, dims: _Dims, config: Config, interpret: bool, scores=False):
-    """Output [B, N, H, Dv], the state carries [h_f, h_b] of :func:`_carries` and, with
-    ``scores``, the chunks' score matrices [B, H, NC_pad, BT, BT] fp32 (else None)."""
+    """Output [B, N, H, Dv], the state carry set of :func:`_carries` and, with ``scores``,
+    the chunks' score matrices [B, H, NC_pad, BT, BT] fp32 (else None)."""
     b, _, h, _ = q.shape
     args = (q, k, v, gf, gb)
-    carries = _carries(args, dims, config, interpret, _STATES)
+    h_set, _ = _carries(args, dims, config, interpret, _STATES)
     out_shape = [jax.ShapeDtypeStruct((b, dims.n, h, dims.dv), v.dtype)]
     out_specs = [_seq_spec(dims, dims.dv)]
     if scores:
@@ -811,29 +935,29 @@ def _forward(q, k, v, gf, gb, dims: _Dims, config: Config, interpret: bool, scor
         functools.partial(_forward_kernel, dims=dims, scores=scores),
         out_shape=out_shape,
         grid=(b, h, dims.nc),
-        in_specs=[_seq_spec(dims, x.shape[-1]) for x in args] + _carry_specs(carries, dims),
+        in_specs=[_seq_spec(dims, x.shape[-1]) for x in args] + _carry_set_specs(2, dims),
         out_specs=out_specs,
         compiler_params=_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="bigla_forward",
-    )(*args, *carries)
-    return outs[0], carries, (outs[1] if scores else None)
+    )(*args, *h_set)
+    return outs[0], h_set, (outs[1] if scores else None)
 
 
 def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool, saved=None):
     """The five gradients.
 
-    ``saved``: None (states recomputed) or (the forward's state carries, its score matrices
-    or None).
+    ``saved``: None (states recomputed) or (the forward's state carry set, its score
+    matrices or None).
     """
     b, _, h, _ = q.shape
     args = (q, k, v, gf, gb, do)
     scores = None
     if saved is None:
-        carries = _carries(args, dims, config, interpret, _STATES + _GRADS)
+        h_set, _ = _carries(args[:5], dims, config, interpret, _STATES)
     else:
-        carries = list(saved[0]) + _carries(args, dims, config, interpret, _GRADS)
-        scores = saved[1]
+        h_set, scores = saved
+    d_set, (partials, z) = _carries(args, dims, config, interpret, _GRADS, h_set)
     score_args = [] if scores is None else [scores]
     score_specs = [] if scores is None else [_per_bh_spec(dims.nc_pad, dims.bt, dims.bt)]
     seq_specs = [_seq_spec(dims, x.shape[-1]) for x in args]
@@ -842,12 +966,19 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool,
         functools.partial(_backward_dq_kernel, dims=dims),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), f32_like(q), f32_like(q)],
         grid=(b, h, dims.nc),
-        in_specs=seq_specs + _carry_specs(carries[:2], dims),
+        in_specs=seq_specs + _carry_set_specs(2, dims),
         out_specs=[_seq_spec(dims, dims.dk)] * 3,
         compiler_params=_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="bigla_backward_dq",
-    )(*args, *carries[:2])
+    )(*args, *h_set)
+    # dk/dv kernel: the d carry set, the cross partials and, with segments, the forward's
+    # local state carries, their logs and the per-segment sums (see _cross).
+    cross_args = list(partials)
+    cross_specs = [_per_bh_spec(dims.nc_pad, dims.dk)] * 2
+    if dims.ns > 1:
+        cross_args += list(h_set[:4]) + list(z)
+        cross_specs += _carry_set_specs(2, dims)[:4] + [_per_bh_spec(dims.ns_pad, dims.dk)] * 2
     n_in = len(args) + 2
     dk, dv, dgf, dgb = pl.pallas_call(
         functools.partial(_backward_dkv_kernel, dims=dims, scores=scores is not None),
@@ -861,13 +992,14 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool,
         in_specs=seq_specs
         + [_seq_spec(dims, dims.dk)] * 2
         + score_specs
-        + _carry_specs(carries, dims),
+        + _carry_set_specs(2, dims)
+        + cross_specs,
         out_specs=[_seq_spec(dims, x.shape[-1]) for x in (k, v, gf, gb)],
         input_output_aliases={n_in - 2: 2, n_in - 1: 3},  # q*dq buffers become dgf, dgb
         compiler_params=_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="bigla_backward_dkv",
-    )(*args, qdq_f, qdq_b, *score_args, *carries)
+    )(*args, qdq_f, qdq_b, *score_args, *d_set, *cross_args)
     return dq, dk, dv, dgf.astype(gf.dtype), dgb.astype(gb.dtype)
 
 
