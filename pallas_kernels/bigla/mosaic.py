@@ -26,8 +26,18 @@ Numerics (all gates in log space, fp32; matmul operands bf16/f16 with fp32 accum
   more than ``e^-CLAMP``, i.e. gates below -3.75 per token, logits < -60 in ViG's
   ``logsigmoid(x) / 16``); the forward kernel computes the diagonal ``x_i . y_i`` elementwise in
   fp32, the backward adds its diagonal terms exactly in XLA.
-* The wgmma operands are 16-bit, so fp32 inputs get bf16-level accuracy (measured against the
-  float64 reference: 3e-3 to 6e-3 relative for ``o`` and all five gradients, both dtypes).
+* wgmma takes 16-bit operands. bf16 / f16 inputs are used as they are (bf16 inputs: 2e-3 to
+  6e-3 relative error against the float64 reference for ``o`` and all five gradients). fp32
+  inputs are split into three bf16 parts (``hi + mid + lo``, :func:`_split`; 24 mantissa bits),
+  in XLA for the operands read straight from GMEM and in the kernel for the computed ones
+  (rescaled keys and queries, state, scores), and every product is six wgmmas (the parts'
+  products down to ``2^-24``, :func:`_wgmma_parts`): 3x the operand SMEM (220 KB for the
+  forward kernel at Dk 32, Dv 64: one program per SM; fewer parts where it would not fit) and
+  6x the tensor-core work. For fp32 the chunk-local cumulative gates are kept as two terms,
+  ``T @ hi`` (exact) and ``T @ (mid + lo)``, and exponents are their termwise differences
+  (:func:`_minus`): with steep gates ``|G|`` reaches ~160 within a chunk, and the difference of
+  two such fp32 sums would be off by 1e-5. Measured (CPU interpret): 1e-7 to 3e-6 relative for
+  ``o`` and the five gradients, steep, flat and random gates.
 
 XLA around the kernels: padding N to a multiple of 64, summing the two directions' fp32 halves,
 the diagonal terms and the two cumulative sums of the gate gradients.
@@ -58,6 +68,8 @@ of 64 (the state is kept transposed, ``[Dv, Dk]``, so that Dv is the wgmma M dim
 from __future__ import annotations
 
 import functools
+import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +80,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 CHUNK = 64  # tokens per chunk: one wgmma M tile
 SUB = 16  # rows per intra-chunk sub-block (one reference point each)
 SPLIT = True  # one program per (batch, head, direction)
+FP32_PARTS = 3  # bf16 parts per fp32 wgmma operand (24 mantissa bits)
+SMEM_BUDGET = 220 * 1024  # of sm90's 227 KB per block; the rest: barriers, alignment
 CLAMP = 60.0  # cap of the only positive exponents (inside SUB x SUB diagonal blocks)
 _OPERAND_DTYPES = (jnp.bfloat16, jnp.float16)
 _BACKWARDS = ("mosaic", "xla")
@@ -112,19 +126,129 @@ def _bcast_col(col: jax.Array, shape) -> jax.Array:
     return lax.broadcast_in_dim(col, shape, [0])
 
 
-def _direction_chunk(x, y, cum, z_smem, state, scratch, *, forward, op_dtype, sub):
+def _operand_format(dtype) -> tuple[jnp.dtype, int]:
+    """(wgmma operand dtype, parts) for inputs of ``dtype``.
+
+    bf16 and f16 inputs are wgmma operands as they are (one part). fp32 inputs are split into
+    :data:`FP32_PARTS` bf16 parts (see :func:`_split`), each product into six wgmmas.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype in _OPERAND_DTYPES:
+        return dtype, 1
+    if dtype == jnp.float32:
+        return jnp.dtype(jnp.bfloat16), FP32_PARTS
+    raise TypeError(f"dtype {dtype}; the Mosaic GPU kernels take bfloat16, float16 or float32")
+
+
+def _smem_bytes(scratch) -> int:
+    """Bytes of the SMEM buffers in a ``scratch_types`` list (barriers not counted)."""
+    return sum(
+        math.prod(m.shape) * jnp.dtype(m.dtype).itemsize for m in scratch if hasattr(m, "shape")
+    )
+
+
+def _fitting_scratch(make_scratch, dtype):
+    """(operand dtype, parts, scratch list) with the most operand parts whose SMEM fits.
+
+    fp32 inputs take :data:`FP32_PARTS` parts where the head dims allow it (Dk 32, Dv 64:
+    220 KB for the forward kernel), else fewer (less accurate: 16 or 8 mantissa bits).
+
+    Args:
+      make_scratch: ``(op_dtype, parts) -> scratch_types`` of the kernel.
+      dtype: the dtype of the kernel's inputs.
+    """
+    op_dtype, parts = _operand_format(dtype)
+    while True:
+        scratch = make_scratch(op_dtype, parts)
+        if parts == 1 or _smem_bytes(scratch) <= SMEM_BUDGET:
+            return op_dtype, parts, scratch
+        parts -= 1
+
+
+def _split(x: jax.Array, op_dtype, parts: int) -> list[jax.Array]:
+    """``x`` as ``parts`` operand-dtype arrays whose sum approximates it.
+
+    Each part is the operand-dtype rounding of what the previous ones leave: for bf16 8
+    mantissa bits each, so three parts hold all 24 of fp32's (two: 16, relative error up to
+    2^-17; measured as too coarse for the 1e-5 bar of the gate gradients).
+    """
+    out = []
+    rest = x.astype(jnp.float32)
+    for _ in range(parts):
+        out.append(rest.astype(op_dtype))
+        rest = rest - out[-1].astype(jnp.float32)
+    return out
+
+
+def _stack_parts(x: jax.Array, op_dtype, parts: int) -> jax.Array:
+    """XLA side: [parts, *x.shape], the parts of :func:`_split` (an operand the kernel copies
+    from GMEM straight into SMEM)."""
+    return jnp.stack(_split(x, op_dtype, parts))
+
+
+def _store_parts(ref, x: jax.Array, op_dtype, parts: int, index=0, stride: int = 1) -> None:
+    """Part ``p`` of ``x`` into ``ref[index + p * stride]``."""
+    for p, part in enumerate(_split(x, op_dtype, parts)):
+        ref[index + p * stride] = part
+
+
+def _parts(ref, parts: int, index=0, stride: int = 1, transpose: bool = False) -> list:
+    """The SMEM views ``ref.at[index + p * stride]`` of the parts of one wgmma operand."""
+    views = [ref.at[index + p * stride] for p in range(parts)]
+    return [v.transpose((1, 0)) for v in views] if transpose else views
+
+
+def _wgmma_parts(acc, a_parts: list, b_parts: list) -> None:
+    """``acc += (sum a_parts) @ (sum b_parts)`` up to terms below fp32's resolution.
+
+    With ``n`` parts per operand (part ``i`` is about ``2^{-8 i}`` of the whole), the products
+    of parts ``i, j`` with ``i + j < n``, small terms first: one wgmma for bf16/f16 inputs, six
+    for fp32 inputs (the dropped ones are below 2^-24 of the product).
+    """
+    n = max(len(a_parts), len(b_parts))
+    pairs = [(i, j) for i in range(len(a_parts)) for j in range(len(b_parts)) if i + j < n]
+    for i, j in sorted(pairs, key=lambda ij: -sum(ij)):
+        plgpu.wgmma(acc, a_parts[i], b_parts[j])
+
+
+def _total(terms) -> jax.Array:
+    """The value of a cumulative gate given as terms (see :func:`_cumsum_by_wgmma`)."""
+    return functools.reduce(operator.add, terms)
+
+
+def _minus(a, b) -> jax.Array:
+    """``total(a) - total(b)`` as the sum of the termwise differences: the leading terms are
+    exact sums of bf16 values, so their difference is exact even where the totals are large
+    and close (steep gates: |cum| up to ~160 within a chunk, fp32 ulp 1.5e-5)."""
+    return _total([x - y for x, y in zip(a, b, strict=True)])
+
+
+def _row(terms, row) -> tuple:
+    """Row ``row`` of each term ([D] each)."""
+    return tuple(_pick_row(t, row) for t in terms)
+
+
+def _bcast_rows(rows, shape) -> tuple:
+    return tuple(_bcast_row(r, shape) for r in rows)
+
+
+def _direction_chunk(x, y, cum, z_smem, state, scratch, *, forward, op_dtype, parts, sub):
     """One chunk of one direction: its output and the state after it.
+
+    Every wgmma operand is stored as ``parts`` operand-dtype parts (leading SMEM dim; for the
+    per-sub-block buffers ``p * nsub + r``) and every product is :func:`_wgmma_parts`.
 
     Args:
       x, y: [64, Dk] fp32 (wgmma layout): query-role and key-role rows of the chunk.
       cum: [64, Dk] fp32 chunk-local cumulative log gate (prefix sums if ``forward``, suffix
         sums otherwise).
-      z_smem: SMEM [64, Dv] value-role rows (operand dtype).
+      z_smem: SMEM [parts, 64, Dv] value-role rows (operand dtype).
       state: [Dv, Dk] fp32 transposed state entering the chunk (wgmma layout).
-      scratch: SMEM wgmma operands (operand dtype): the state [Dv, Dk], the decayed keys of the
-        state update [64, Dk], the rescaled keys and queries of the intra-chunk blocks
-        [8, 64, Dk] each, the gated queries [64, Dk] and the scores [64, 64]. (Interpret mode
-        takes wgmma operands only from SMEM, so register operands go through SMEM too.)
+      scratch: SMEM wgmma operands (operand dtype, ``parts`` each): the state [Dv, Dk], the
+        decayed keys of the state update [64, Dk], the rescaled keys and queries of the
+        intra-chunk blocks [nsub, 64, Dk] each, the gated queries [64, Dk] and the scores
+        [64, 64]. (Interpret mode takes wgmma operands only from SMEM, so register operands go
+        through SMEM too.)
 
     Returns:
       ([64, Dv] fp32 output of this direction, [Dv, Dk] fp32 state leaving the chunk).
@@ -134,6 +258,8 @@ def _direction_chunk(x, y, cum, z_smem, state, scratch, *, forward, op_dtype, su
     dv = state.shape[0]
     rows = _iota((bt, dk), 0)
     nsub = bt // sub
+    store = functools.partial(_store_parts, op_dtype=op_dtype, parts=parts)
+    views = functools.partial(_parts, parts=parts)
 
     # Rescaled keys and queries, one set per sub-block r (a loop, not unrolled: unrolling made
     # the kernel's MLIR 1 MB and its lowering + compilation ~10 s per call site).
@@ -141,50 +267,53 @@ def _direction_chunk(x, y, cum, z_smem, state, scratch, *, forward, op_dtype, su
         # Reference row: just before sub-block r going forward (row r*sub - 1, none for r = 0),
         # just after it going backward (row (r+1)*sub, none for the last one); none -> 0.
         ref_row = r * sub - 1 if forward else (r + 1) * sub
-        ref = _bcast_row(_pick_row(cum, ref_row), (bt, dk))
+        ref = _bcast_rows(_row(cum, ref_row), (bt, dk))
         keep = rows < (r + 1) * sub if forward else rows >= r * sub
-        expo = jnp.minimum(jnp.where(keep, ref - cum, -jnp.inf), CLAMP)
-        yr_smem[r] = (y * jnp.exp(expo)).astype(op_dtype)
+        expo = jnp.minimum(jnp.where(keep, _minus(ref, cum), -jnp.inf), CLAMP)
+        store(yr_smem, y * jnp.exp(expo), index=r, stride=nsub)
         in_block = (rows >= r * sub) & (rows < (r + 1) * sub)
-        xr = jnp.where(in_block, x * jnp.exp(jnp.where(in_block, cum - ref, 0.0)), 0.0)
-        xr_smem[r] = xr.astype(op_dtype)
+        xr = jnp.where(in_block, x * jnp.exp(jnp.where(in_block, _minus(cum, ref), 0.0)), 0.0)
+        store(xr_smem, xr, index=r, stride=nsub)
         return carry
 
     lax.fori_loop(0, nsub, rescale, 0)
-    last = _pick_row(cum, bt - 1 if forward else 0)  # [Dk] total log decay of the chunk
-    yd_smem[...] = (y * jnp.exp(_bcast_row(last, (bt, dk)) - cum)).astype(op_dtype)
-    xg_smem[...] = (x * jnp.exp(cum)).astype(op_dtype)
-    s_smem[...] = state.astype(op_dtype)
+    last = _row(cum, bt - 1 if forward else 0)  # [Dk] total log decay of the chunk
+    store(yd_smem, y * jnp.exp(_minus(_bcast_rows(last, (bt, dk)), cum)))
+    store(xg_smem, x * jnp.exp(_total(cum)))
+    store(s_smem, state)
     plgpu.commit_smem()
 
     # Intra-chunk scores A [64, 64], masked to the direction's triangle.
     def scores(acc):
         for r in range(nsub):
-            plgpu.wgmma(acc, xr_smem.at[r], yr_smem.at[r].transpose((1, 0)))
+            sub_views = dict(index=r, stride=nsub)
+            _wgmma_parts(
+                acc, views(xr_smem, **sub_views), views(yr_smem, **sub_views, transpose=True)
+            )
         return acc[...]
 
     a = pl.run_scoped(scores, plgpu.ACC((bt, bt), jnp.float32))
     ai, aj = _iota((bt, bt), 0), _iota((bt, bt), 1)
     diag = _bcast_col(jnp.sum(x * y, axis=1), (bt, bt))
     a = jnp.where(ai == aj, diag, jnp.where(aj < ai if forward else aj > ai, a, 0.0))
-    a_smem[...] = a.astype(op_dtype)
+    store(a_smem, a)
     plgpu.commit_smem()
 
     # Output: inter (x e^{G}) S + intra A z; state: S^T <- S^T e^{last} + z^T (y e^{last - G}).
-    # Both in one scope: one wait for all four wgmmas.
+    # Both in one scope: one wait for all the wgmmas.
     def products(out_acc, update_acc):
-        plgpu.wgmma(out_acc, xg_smem, s_smem.transpose((1, 0)))
-        plgpu.wgmma(out_acc, a_smem, z_smem)
-        plgpu.wgmma(update_acc, z_smem.transpose((1, 0)), yd_smem)
+        _wgmma_parts(out_acc, views(xg_smem), views(s_smem, transpose=True))
+        _wgmma_parts(out_acc, views(a_smem), views(z_smem))
+        _wgmma_parts(update_acc, views(z_smem, transpose=True), views(yd_smem))
         return out_acc[...], update_acc[...]
 
     # (Not ``pl.run_state(update)(plgpu.ACC.init(decayed))``: interpret mode cannot run that.)
     accs = (plgpu.ACC((bt, dv), jnp.float32), plgpu.ACC((dv, dk), jnp.float32))
     out, new = pl.run_scoped(products, *accs)
-    return out, state * _bcast_row(jnp.exp(last), (dv, dk)) + new
+    return out, state * _bcast_row(jnp.exp(_total(last)), (dv, dk)) + new
 
 
-def _cumsum_by_wgmma(g, tri_smem, part_smems, *, forward, op_dtype):
+def _cumsum_by_wgmma(g, tri_smem, part_smems, *, forward, op_dtype, terms):
     """Chunk-local inclusive cumulative sums of log gates, on the tensor cores.
 
     Mosaic GPU cannot lower ``cumsum``, so this is ``T @ g`` with a triangular ones matrix ``T``.
@@ -196,9 +325,12 @@ def _cumsum_by_wgmma(g, tri_smem, part_smems, *, forward, op_dtype):
       tri_smem: SMEM [64, 64] wgmma operand buffer (operand dtype), overwritten with ``T``.
       part_smems: three SMEM [64, Dk] wgmma operand buffers, overwritten with the parts.
       forward: prefix sums (``T`` lower triangular) if True, else suffix sums (upper).
+      terms: 1: the sums as one array. 2: as ``(T @ hi, T @ (mid + lo))``, two accumulators;
+        the first is exact (sums of at most 64 bf16 values of similar size), so differences of
+        cumulative gates taken termwise (:func:`_minus`) keep fp32's relative accuracy.
 
     Returns:
-      [64, Dk] fp32 cumulative log gates.
+      ``terms`` [64, Dk] fp32 arrays whose sum is the cumulative log gates.
     """
     bt = g.shape[0]
     i, j = _iota((bt, bt), 0), _iota((bt, bt), 1)
@@ -210,16 +342,16 @@ def _cumsum_by_wgmma(g, tri_smem, part_smems, *, forward, op_dtype):
         rest = rest - part.astype(jnp.float32)
     plgpu.commit_smem()
 
-    def accumulate(acc):
-        for part_smem in part_smems:
-            plgpu.wgmma(acc, tri_smem, part_smem)
-        return acc[...]
+    def accumulate(*accs):
+        for n, part_smem in enumerate(part_smems):
+            plgpu.wgmma(accs[min(n, terms - 1)], tri_smem, part_smem)
+        return tuple(acc[...] for acc in accs)
 
-    return pl.run_scoped(accumulate, plgpu.ACC(g.shape, jnp.float32))
+    return pl.run_scoped(accumulate, *[plgpu.ACC(g.shape, jnp.float32)] * terms)
 
 
 def _chunk_kernel(
-    x_ref, y_ref, z_ref, gf_ref, gb_ref, *refs, n_chunks, out_scale, op_dtype, sub, split
+    x_ref, y_ref, z_ref, gf_ref, gb_ref, *refs, n_chunks, out_scale, op_dtype, parts, sub, split
 ):
     """Program (b, h[, direction]): the sweeps of :func:`bidirectional_chunked`.
 
@@ -227,37 +359,44 @@ def _chunk_kernel(
     the forward-direction sweep, which adds it and writes ``out_scale * (o_f + o_b)`` to
     ``o_ref``. ``split``: program ``direction`` 0 runs the backward sweep into ``ob_ref``, 1 the
     forward sweep into ``o_ref`` (both fp32, unscaled), twice the programs at half the length.
+    ``z_ref`` holds the ``parts`` operand parts of z: [parts, B, N, H, Dv].
     """
     o_ref, ob_ref, x_s, y_s, z_s, g_s, *stages = refs[:-7]
     operands, bars = refs[-7:-1], refs[-1]
     ob_s = stages[-1]  # fp32 [64, Dv] output tile
     b, h = lax.axis_index("b"), lax.axis_index("h")
     s_smem, yd_smem, yr_smem, xr_smem, xg_smem, a_smem = operands
-    dv, dk = s_smem.shape
+    dv, dk = s_smem.shape[1:]
+    n_loads = 3 + parts  # x, y, the parts of z, the gates; barrier n_loads: the fp32 tile
+    cum_kw = dict(op_dtype=op_dtype, terms=min(parts, 2))
 
     def load(c, gate_ref, forward):
         rows = pl.ds(c * CHUNK, CHUNK)
-        for i, (src, dst) in enumerate(((x_ref, x_s), (y_ref, y_s), (z_ref, z_s), (gate_ref, g_s))):
-            plgpu.copy_gmem_to_smem(src.at[b, rows, h], dst, bars.at[i])
-        for i in range(4):
+        pairs = [(x_ref.at[b, rows, h], x_s), (y_ref.at[b, rows, h], y_s)]
+        pairs += [(z_ref.at[p, b, rows, h], z_s.at[p]) for p in range(parts)]
+        pairs += [(gate_ref.at[b, rows, h], g_s)]
+        for i, (src, dst) in enumerate(pairs):
+            plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+        for i in range(n_loads):
             plgpu.barrier_wait(bars.at[i])
         x = _wg(x_s[...]).astype(jnp.float32)
         y = _wg(y_s[...]).astype(jnp.float32)
         # (The operand buffers are free here: the previous chunk's wgmmas have completed.)
-        parts = (xr_smem.at[0], yr_smem.at[0], xg_smem)
-        cum = _cumsum_by_wgmma(_wg(g_s[...]), a_smem, parts, forward=forward, op_dtype=op_dtype)
+        cum_parts = (xr_smem.at[0], yr_smem.at[0], xg_smem.at[0])
+        cum = _cumsum_by_wgmma(_wg(g_s[...]), a_smem.at[0], cum_parts, forward=forward, **cum_kw)
         return x, y, cum
 
     zero_state = jnp.zeros((dv, dk), jnp.float32)
     zero_state = plgpu.layout_cast(zero_state, plgpu.Layout.WGMMA)
+    chunk = functools.partial(
+        _direction_chunk, z_smem=z_s, scratch=operands, op_dtype=op_dtype, parts=parts, sub=sub
+    )
 
     def sweep_to_fp32(out_ref, gate_ref, forward):
         def step(i, state):
             c = i if forward else n_chunks - 1 - i
             x, y, cum = load(c, gate_ref, forward=forward)
-            out, state = _direction_chunk(
-                x, y, cum, z_s, state, operands, forward=forward, op_dtype=op_dtype, sub=sub
-            )
+            out, state = chunk(x, y, cum, state=state, forward=forward)
             ob_s[...] = out
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(ob_s, out_ref.at[b, pl.ds(c * CHUNK, CHUNK), h])
@@ -277,11 +416,10 @@ def _chunk_kernel(
 
     def forward_step(c, state):
         x, y, cum = load(c, gf_ref, forward=True)
-        plgpu.copy_gmem_to_smem(ob_ref.at[b, pl.ds(c * CHUNK, CHUNK), h], ob_s, bars.at[4])
-        out, state = _direction_chunk(
-            x, y, cum, z_s, state, operands, forward=True, op_dtype=op_dtype, sub=sub
-        )
-        plgpu.barrier_wait(bars.at[4])
+        ob_bar = bars.at[n_loads]
+        plgpu.copy_gmem_to_smem(ob_ref.at[b, pl.ds(c * CHUNK, CHUNK), h], ob_s, ob_bar)
+        out, state = chunk(x, y, cum, state=state, forward=True)
+        plgpu.barrier_wait(ob_bar)
         o_s[...] = ((out + _wg(ob_s[...])) * out_scale).astype(o_s.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(c * CHUNK, CHUNK), h])
@@ -324,7 +462,8 @@ def bidirectional_chunked(
     """``out_scale * (forward + backward GLA)`` with key-channel gates, on Mosaic GPU.
 
     Args:
-      x, y: [B, N, H, Dk] query-role and key-role inputs (bf16 or f16).
+      x, y: [B, N, H, Dk] query-role and key-role inputs (bf16, f16, or fp32: split into bf16
+        parts, see :func:`_fitting_scratch`).
       z: [B, N, H, Dv] value-role input (same dtype).
       gf, gb: [B, N, H, Dk] per-token log gates (<= 0) of the two directions.
       out_scale: factor applied to the sum of the two directions.
@@ -339,36 +478,41 @@ def bidirectional_chunked(
     """
     bsz, n, h, dk = x.shape
     dv = z.shape[-1]
-    op_dtype = x.dtype
     n_chunks, n_pad, (x, y, z, gf, gb) = _pad_to_chunks(x, y, z, gf, gb)
+    nsub = CHUNK // sub
+    stages = [plgpu.SMEM((CHUNK, dv), jnp.float32)]  # fp32 output tile
+    if not split:
+        stages.insert(0, plgpu.SMEM((CHUNK, dv), out_dtype))  # output tile
+
+    def make_scratch(op_dtype, parts):
+        # One swizzle for every wgmma operand: Mosaic GPU wants A's and B's tilings to match.
+        kt = _smem_transforms(dk, op_dtype)
+        return [
+            plgpu.SMEM((CHUNK, dk), x.dtype),  # x
+            plgpu.SMEM((CHUNK, dk), x.dtype),  # y
+            plgpu.SMEM((parts, CHUNK, dv), op_dtype, transforms=kt),  # z
+            plgpu.SMEM((CHUNK, dk), jnp.float32),  # log gates
+            *stages,
+            # wgmma operands (see _direction_chunk)
+            plgpu.SMEM((parts, dv, dk), op_dtype, transforms=kt),
+            plgpu.SMEM((parts, CHUNK, dk), op_dtype, transforms=kt),
+            plgpu.SMEM((parts * nsub, CHUNK, dk), op_dtype, transforms=kt),
+            plgpu.SMEM((parts * nsub, CHUNK, dk), op_dtype, transforms=kt),
+            plgpu.SMEM((parts, CHUNK, dk), op_dtype, transforms=kt),
+            plgpu.SMEM((parts, CHUNK, CHUNK), op_dtype, transforms=kt),
+            plgpu.Barrier(num_barriers=4 + parts),
+        ]
+
+    op_dtype, parts, scratch = _fitting_scratch(make_scratch, x.dtype)
     kernel = functools.partial(
         _chunk_kernel,
         n_chunks=n_chunks,
         out_scale=out_scale,
         op_dtype=op_dtype,
+        parts=parts,
         sub=sub,
         split=split,
     )
-    # One swizzle for every wgmma operand: Mosaic GPU wants A's and B's tilings to match.
-    kt = _smem_transforms(dk, op_dtype)
-    stages = [plgpu.SMEM((CHUNK, dv), jnp.float32)]  # fp32 output tile
-    if not split:
-        stages.insert(0, plgpu.SMEM((CHUNK, dv), out_dtype))  # output tile
-    scratch = [
-        plgpu.SMEM((CHUNK, dk), op_dtype),  # x
-        plgpu.SMEM((CHUNK, dk), op_dtype),  # y
-        plgpu.SMEM((CHUNK, dv), op_dtype, transforms=kt),  # z
-        plgpu.SMEM((CHUNK, dk), jnp.float32),  # log gates
-        *stages,
-        # wgmma operands (see _direction_chunk)
-        plgpu.SMEM((dv, dk), op_dtype, transforms=kt),
-        plgpu.SMEM((CHUNK, dk), op_dtype, transforms=kt),
-        plgpu.SMEM((CHUNK // sub, CHUNK, dk), op_dtype, transforms=kt),
-        plgpu.SMEM((CHUNK // sub, CHUNK, dk), op_dtype, transforms=kt),
-        plgpu.SMEM((CHUNK, dk), op_dtype, transforms=kt),
-        plgpu.SMEM((CHUNK, CHUNK), op_dtype, transforms=kt),
-        plgpu.Barrier(num_barriers=5),
-    ]
     fp32_out = jax.ShapeDtypeStruct((bsz, n_pad, h, dv), jnp.float32)
     first_out = fp32_out if split else jax.ShapeDtypeStruct((bsz, n_pad, h, dv), out_dtype)
     o, ob = plgpu.kernel(
@@ -378,24 +522,27 @@ def bidirectional_chunked(
         grid=(bsz, h, 2) if split else (bsz, h),
         grid_names=("b", "h", "d") if split else ("b", "h"),
         interpret=interpret,
-    )(x, y, z, gf, gb)
+    )(x, y, _stack_parts(z, op_dtype, parts), gf, gb)
     if split:
         o = ((o[:, :n] + ob[:, :n]) * out_scale).astype(out_dtype)
     return o[:, :n]
 
 
-def _gated_output_chunk(c, cum, a_smem, b_smem, state, scratch, *, forward, op_dtype, sub):
+def _gated_output_chunk(c, cum, a_smem, b_smem, state, scratch, *, forward, op_dtype, parts, sub):
     """One chunk of one direction of :func:`bidirectional_gated_output`.
+
+    Every wgmma operand is stored as ``parts`` operand-dtype parts, as in
+    :func:`_direction_chunk`.
 
     Args:
       c: [64, Dk] fp32 (wgmma layout): the gated-role rows of the chunk.
       cum: [64, Dk] fp32 chunk-local cumulative log gate (prefix sums if ``forward``, suffix
         sums otherwise).
-      a_smem, b_smem: SMEM [64, Dv] rows of the two score roles (operand dtype).
+      a_smem, b_smem: SMEM [parts, 64, Dv] rows of the two score roles (operand dtype).
       state: [Dv, Dk] fp32 state ``sum_s b_s (c_s e^{G_end - G_s})^T`` entering the chunk.
-      scratch: SMEM wgmma operands (operand dtype): the state [Dv, Dk], the decayed ``c`` of the
-        state update [64, Dk], the rescaled ``c`` [nsub, 64, Dk] and the causal scores
-        [64, 64] of the intra-chunk products.
+      scratch: SMEM wgmma operands (operand dtype, ``parts`` each): the state [Dv, Dk], the
+        decayed ``c`` of the state update [64, Dk], the rescaled ``c`` [nsub, 64, Dk] and the
+        causal scores [64, 64] of the intra-chunk products.
 
     Returns:
       ([64, Dk] fp32 output of this direction, [Dv, Dk] fp32 state leaving the chunk).
@@ -406,9 +553,11 @@ def _gated_output_chunk(c, cum, a_smem, b_smem, state, scratch, *, forward, op_d
     nsub = bt // sub
     rows = _iota((bt, dk), 0)
     ai, aj = _iota((bt, bt), 0), _iota((bt, bt), 1)
+    store = functools.partial(_store_parts, op_dtype=op_dtype, parts=parts)
+    views = functools.partial(_parts, parts=parts)
 
     def raw_scores(acc):
-        plgpu.wgmma(acc, a_smem, b_smem.transpose((1, 0)))
+        _wgmma_parts(acc, views(a_smem), views(b_smem, transpose=True))
         return acc[...]
 
     scores = pl.run_scoped(raw_scores, plgpu.ACC((bt, bt), jnp.float32))  # a_t . b_s
@@ -418,28 +567,29 @@ def _gated_output_chunk(c, cum, a_smem, b_smem, state, scratch, *, forward, op_d
     # of r's rows (accumulated into one [64, Dk] array).
     def rescale(r, out_factor):
         ref_row = r * sub - 1 if forward else (r + 1) * sub
-        ref = _bcast_row(_pick_row(cum, ref_row), (bt, dk))
+        ref = _bcast_rows(_row(cum, ref_row), (bt, dk))
         keep = rows < (r + 1) * sub if forward else rows >= r * sub
-        expo = jnp.minimum(jnp.where(keep, ref - cum, -jnp.inf), CLAMP)
-        cr_smem[r] = (c * jnp.exp(expo)).astype(op_dtype)
+        expo = jnp.minimum(jnp.where(keep, _minus(ref, cum), -jnp.inf), CLAMP)
+        store(cr_smem, c * jnp.exp(expo), index=r, stride=nsub)
         in_block = (rows >= r * sub) & (rows < (r + 1) * sub)
-        return out_factor + jnp.where(in_block, jnp.exp(jnp.where(in_block, cum - ref, 0.0)), 0.0)
+        factor = jnp.exp(jnp.where(in_block, _minus(cum, ref), 0.0))
+        return out_factor + jnp.where(in_block, factor, 0.0)
 
     zero = plgpu.layout_cast(jnp.zeros((bt, dk), jnp.float32), plgpu.Layout.WGMMA)
     out_factor = lax.fori_loop(0, nsub, rescale, zero)
-    last = _pick_row(cum, bt - 1 if forward else 0)  # [Dk] total log decay of the chunk
-    cd_smem[...] = (c * jnp.exp(_bcast_row(last, (bt, dk)) - cum)).astype(op_dtype)
-    h_smem[...] = state.astype(op_dtype)
-    ar_smem[...] = jnp.where(causal, scores, 0.0).astype(op_dtype)
+    last = _row(cum, bt - 1 if forward else 0)  # [Dk] total log decay of the chunk
+    store(cd_smem, c * jnp.exp(_minus(_bcast_rows(last, (bt, dk)), cum)))
+    store(h_smem, state)
+    store(ar_smem, jnp.where(causal, scores, 0.0))
     plgpu.commit_smem()
 
     # All wgmmas of the step, one wait. Intra: sub-block r's rows of (A' @ c rescaled to r) --
     # one 64-row product per r, so that A' is stored once (SMEM for 3 programs per SM).
     def products(inter_acc, update_acc, *intra_accs):
-        plgpu.wgmma(inter_acc, a_smem, h_smem)
-        plgpu.wgmma(update_acc, b_smem.transpose((1, 0)), cd_smem)
+        _wgmma_parts(inter_acc, views(a_smem), views(h_smem))
+        _wgmma_parts(update_acc, views(b_smem, transpose=True), views(cd_smem))
         for r, acc in enumerate(intra_accs):
-            plgpu.wgmma(acc, ar_smem, cr_smem.at[r])
+            _wgmma_parts(acc, views(ar_smem), views(cr_smem, index=r, stride=nsub))
         return inter_acc[...], update_acc[...], [acc[...] for acc in intra_accs]
 
     accs = [plgpu.ACC((bt, dk), jnp.float32), plgpu.ACC((dv, dk), jnp.float32)]
@@ -448,8 +598,8 @@ def _gated_output_chunk(c, cum, a_smem, b_smem, state, scratch, *, forward, op_d
     intra = jnp.zeros_like(inter)
     for r, part in enumerate(intra_parts):
         intra = intra + jnp.where((rows >= r * sub) & (rows < (r + 1) * sub), part, 0.0)
-    out = out_factor * intra + jnp.exp(cum) * inter
-    return out, state * _bcast_row(jnp.exp(last), (dv, dk)) + new
+    out = out_factor * intra + jnp.exp(_total(cum)) * inter
+    return out, state * _bcast_row(jnp.exp(_total(last)), (dv, dk)) + new
 
 
 def _gated_output_kernel(
@@ -467,24 +617,27 @@ def _gated_output_kernel(
     **kw,
 ):
     """Program (b, h[, direction]): the backward-direction sweep into ``ob_ref`` and the forward
-    one into ``of_ref`` (both fp32, times ``out_scale``); with ``split`` one of them."""
+    one into ``of_ref`` (both fp32, times ``out_scale``); with ``split`` one of them.
+    ``a_ref``, ``b_ref`` hold the operand parts: [parts, B, N, H, Dv]."""
     a_s, b_s, c_s, g_s, o_s, *operands, bars = scratch
     b, h = lax.axis_index("b"), lax.axis_index("h")
     h_smem, cd_smem, cr_smem, ar_smem = operands
-    dv, dk = h_smem.shape
+    dv, dk = h_smem.shape[1:]
+    parts = kw["parts"]
+    cum_kw = dict(op_dtype=kw["op_dtype"], terms=min(parts, 2))
 
     def load(chunk, gate_ref, forward):
         rows = pl.ds(chunk * CHUNK, CHUNK)
-        pairs = ((a_ref, a_s), (b_ref, b_s), (c_ref, c_s), (gate_ref, g_s))
+        pairs = [(a_ref.at[p, b, rows, h], a_s.at[p]) for p in range(parts)]
+        pairs += [(b_ref.at[p, b, rows, h], b_s.at[p]) for p in range(parts)]
+        pairs += [(c_ref.at[b, rows, h], c_s), (gate_ref.at[b, rows, h], g_s)]
         for i, (src, dst) in enumerate(pairs):
-            plgpu.copy_gmem_to_smem(src.at[b, rows, h], dst, bars.at[i])
-        for i in range(4):
+            plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+        for i in range(len(pairs)):
             plgpu.barrier_wait(bars.at[i])
         c = _wg(c_s[...]).astype(jnp.float32)
-        parts = (cr_smem.at[0], cr_smem.at[1], cd_smem)
-        cum = _cumsum_by_wgmma(
-            _wg(g_s[...]), ar_smem, parts, forward=forward, op_dtype=kw["op_dtype"]
-        )
+        cum_parts = (cr_smem.at[0], cr_smem.at[1], cd_smem.at[0])
+        cum = _cumsum_by_wgmma(_wg(g_s[...]), ar_smem.at[0], cum_parts, forward=forward, **cum_kw)
         return c, cum
 
     zero_state = plgpu.layout_cast(jnp.zeros((dv, dk), jnp.float32), plgpu.Layout.WGMMA)
@@ -526,7 +679,7 @@ def bidirectional_gated_output(
     without their diagonal terms; see :func:`_bwd` for ``dk``.
 
     Args:
-      a, b: [B, N, H, Dv] score-role inputs (bf16 or f16).
+      a, b: [B, N, H, Dv] score-role inputs (bf16, f16, or fp32: split into bf16 parts).
       c: [B, N, H, Dk] gated-role input (same dtype).
       gf, gb: [B, N, H, Dk] per-token log gates (<= 0) of the two directions.
       out_scale: factor applied to both outputs.
@@ -539,30 +692,34 @@ def bidirectional_gated_output(
     """
     bsz, n, h, dv = a.shape
     dk = c.shape[-1]
-    op_dtype = a.dtype
     n_chunks, n_pad, (a, b, c, gf, gb) = _pad_to_chunks(a, b, c, gf, gb)
+
+    def make_scratch(op_dtype, parts):
+        kt = _smem_transforms(dk, op_dtype)  # one swizzle for every wgmma operand
+        return [
+            plgpu.SMEM((parts, CHUNK, dv), op_dtype, transforms=kt),  # a
+            plgpu.SMEM((parts, CHUNK, dv), op_dtype, transforms=kt),  # b
+            plgpu.SMEM((CHUNK, dk), c.dtype),  # c
+            plgpu.SMEM((CHUNK, dk), jnp.float32),  # log gates
+            plgpu.SMEM((CHUNK, dk), jnp.float32),  # output tile
+            # wgmma operands (see _gated_output_chunk)
+            plgpu.SMEM((parts, dv, dk), op_dtype, transforms=kt),
+            plgpu.SMEM((parts, CHUNK, dk), op_dtype, transforms=kt),
+            plgpu.SMEM((parts * (CHUNK // sub), CHUNK, dk), op_dtype, transforms=kt),
+            plgpu.SMEM((parts, CHUNK, CHUNK), op_dtype, transforms=kt),
+            plgpu.Barrier(num_barriers=2 + 2 * parts),
+        ]
+
+    op_dtype, parts, scratch = _fitting_scratch(make_scratch, a.dtype)
     kernel = functools.partial(
         _gated_output_kernel,
         n_chunks=n_chunks,
         out_scale=out_scale,
         split=split,
         op_dtype=op_dtype,
+        parts=parts,
         sub=sub,
     )
-    kt = _smem_transforms(dk, op_dtype)  # one swizzle for every wgmma operand
-    scratch = [
-        plgpu.SMEM((CHUNK, dv), op_dtype, transforms=kt),  # a
-        plgpu.SMEM((CHUNK, dv), op_dtype, transforms=kt),  # b
-        plgpu.SMEM((CHUNK, dk), op_dtype),  # c
-        plgpu.SMEM((CHUNK, dk), jnp.float32),  # log gates
-        plgpu.SMEM((CHUNK, dk), jnp.float32),  # output tile
-        # wgmma operands (see _gated_output_chunk)
-        plgpu.SMEM((dv, dk), op_dtype, transforms=kt),
-        plgpu.SMEM((CHUNK, dk), op_dtype, transforms=kt),
-        plgpu.SMEM((CHUNK // sub, CHUNK, dk), op_dtype, transforms=kt),
-        plgpu.SMEM((CHUNK, CHUNK), op_dtype, transforms=kt),
-        plgpu.Barrier(num_barriers=4),
-    ]
     out_type = jax.ShapeDtypeStruct((bsz, n_pad, h, dk), jnp.float32)
     out_f, out_b = plgpu.kernel(
         kernel,
@@ -571,7 +728,7 @@ def bidirectional_gated_output(
         grid=(bsz, h, 2) if split else (bsz, h),
         grid_names=("b", "h", "d") if split else ("b", "h"),
         interpret=interpret,
-    )(a, b, c, gf, gb)
+    )(_stack_parts(a, op_dtype, parts), _stack_parts(b, op_dtype, parts), c, gf, gb)
     return out_f[:, :n], out_b[:, :n]
 
 
@@ -587,10 +744,6 @@ def _interpret_params(interpret):
     return interpret or False
 
 
-def _operand_dtype(dtype):
-    return dtype if dtype in _OPERAND_DTYPES else jnp.bfloat16
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _bigla(q, k, v, gf, gb, scale, interpret, backward):
     return _fwd(q, k, v, gf, gb, scale, interpret, backward)[0]
@@ -598,11 +751,10 @@ def _bigla(q, k, v, gf, gb, scale, interpret, backward):
 
 def _fwd(q, k, v, gf, gb, scale, interpret, backward):
     del backward
-    op = _operand_dtype(v.dtype)
     out = bidirectional_chunked(
-        q.astype(op),
-        k.astype(op),
-        v.astype(op),
+        q,
+        k,
+        v,
         gf,
         gb,
         out_scale=0.5 * scale,
@@ -635,13 +787,12 @@ def _bwd(scale, interpret, backward, residuals, do):
     ``jax.vjp`` of the chunked XLA form (the slower reference path of the first version).
     """
     q, k, v, gf, gb = residuals
-    op = _operand_dtype(v.dtype)
     later_gb, earlier_gf = _shift_tokens(gb, 1), _shift_tokens(gf, -1)
-    qo, ko, vo, doo = (x.astype(op) for x in (q, k, v, do))
+    do = do.astype(v.dtype)
     dv = bidirectional_chunked(
-        ko,
-        qo,
-        doo,
+        k,
+        q,
+        do,
         later_gb,
         earlier_gf,
         out_scale=0.5 * scale,
@@ -656,15 +807,12 @@ def _bwd(scale, interpret, backward, residuals, do):
         dq, dk, dgf, dgb = vjp(do.astype(v.dtype))
         return dq, dk, dv, dgf, dgb
     kw = dict(out_scale=0.5 * scale, interpret=interpret)
-    dq_f, dq_b = bidirectional_gated_output(doo, vo, ko, gf, gb, **kw)
-    dk_b, dk_f = bidirectional_gated_output(vo, doo, qo, later_gb, earlier_gf, **kw)
+    dq_f, dq_b = bidirectional_gated_output(do, v, k, gf, gb, **kw)
+    dk_b, dk_f = bidirectional_gated_output(v, do, q, later_gb, earlier_gf, **kw)
     q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
     diag = scale * jnp.sum(do.astype(jnp.float32) * v.astype(jnp.float32), -1, keepdims=True)
-    # q and k as the kernels saw them: then the sums of q dq and k dk over all tokens cancel
-    # exactly as they do in exact arithmetic (dgf[0] = dgb[-1] = 0).
-    qk, kk = qo.astype(jnp.float32), ko.astype(jnp.float32)
-    dgf = lax.cumsum(qk * dq_f - kk * dk_f, axis=1, reverse=True)
-    dgb = lax.cumsum(qk * dq_b - kk * dk_b, axis=1)
+    dgf = lax.cumsum(q32 * dq_f - k32 * dk_f, axis=1, reverse=True)
+    dgb = lax.cumsum(q32 * dq_b - k32 * dk_b, axis=1)
     return (
         (dq_f + dq_b + diag * k32).astype(q.dtype),
         (dk_f + dk_b + diag * q32).astype(k.dtype),
@@ -703,13 +851,16 @@ def bigla_mosaic(
     Returns:
       [B, N, H, Dv] in v's dtype: ``(o_fwd + o_bwd) / 2``.
 
-    The wgmma operands are bf16 (f16 inputs stay f16): fp32 inputs are rounded to bf16 for the
-    tensor cores (fp32 accumulation, fp32 state and gates), so fp32 inputs get bf16-level accuracy
-    (~1e-2 relative), not fp32's. tf32 wgmma would need K-major operands, i.e. no transposed SMEM
-    operands, which the state update (``z^T y``) uses.
+    The wgmma operands are 16-bit with fp32 accumulation. bf16 / f16 inputs are the operands;
+    fp32 inputs are split into three bf16 parts (``hi + mid + lo``) and every product into six
+    wgmmas, so they get fp32 accuracy (~1e-6 relative against float64; fewer parts, less
+    accurate, only where the head dims leave too little SMEM, see :func:`_fitting_scratch`).
+    tf32 wgmma would need K-major operands, i.e. no transposed SMEM operands, which the state
+    update (``z^T y``) uses.
     """
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise TypeError(f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; expected one dtype")
+    _operand_format(q.dtype)  # raises for dtypes other than bf16, f16, fp32
     dk, dv = q.shape[-1], v.shape[-1]
     if dk % 16:
         raise ValueError(f"Dk={dk}; the Mosaic GPU kernel needs Dk to be a multiple of 16")
