@@ -4,7 +4,8 @@ Runs the trainer's jitted step (``benchmarks/bench_train.py``'s configuration, `
 default: forward, loss, backward, clip + AdamW) on batches already on the device, then records
 every kernel of one step with CUPTI (``jax.experimental.mosaic.gpu.profiler.measure``). Prints
 the groups (BiGLA Pallas kernels, convolutions, matrix products, other XLA fusions, copies) and
-the slowest kernels, and writes JSON.
+the slowest kernels, and the median wall time of ``--steps`` steps of the same executable
+(compiles differ: XLA picks gemm and convolution algorithms by timing them), and writes JSON.
 
     python -m benchmarks.profile_step --models vig_t,deit_t --batch 128 --img 224 \\
         --out benchmarks/results/profile_step_h100.json
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import statistics
+import time
 from pathlib import Path
 
 import jax
@@ -24,7 +27,7 @@ from train import sharding, trainer
 
 GROUPS = (
     ("bigla (Pallas)", ("bigla",)),
-    ("convolution", ("conv", "cudnn")),
+    ("convolution", ("convolution", "conv2d", "convolve", "wgrad", "dgrad", "cudnn")),
     ("matmul", ("gemm", "xmma", "cutlass", "cublas", "nvjet", "matmul")),
     ("copy / transpose", ("memcpy", "transpose", "copy")),
     ("reduction", ("reduce",)),
@@ -68,8 +71,16 @@ def profile_model(model: str, args) -> dict:
     for _ in range(3):
         state, metrics = comps.train_step(state, rngs, batch)
     jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.steps):  # Wall time of the same executable, synchronised every step.
+        t0 = time.perf_counter()
+        state, metrics = comps.train_step(state, rngs, batch)
+        jax.block_until_ready((state.step, metrics))
+        times.append(time.perf_counter() - t0)
+    wall_ms = 1e3 * statistics.median(times)
     kernels = _kernels_of_one_call(lambda: comps.train_step(state, rngs, batch))
     total = sum(ms for _, ms in kernels)
+    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
     groups = collections.Counter()
     counts = collections.Counter()
     by_name = collections.Counter()
@@ -84,6 +95,9 @@ def profile_model(model: str, args) -> dict:
         "dtype": args.dtype,
         "bare": not args.full,
         "kernel_ms": total,
+        "wall_step_ms": wall_ms,
+        "img_per_s_wall": args.batch / (wall_ms * 1e-3),
+        "peak_mem_mib_process": None if peak is None else peak / 2**20,
         "img_per_s_kernels_only": args.batch / (total * 1e-3),
         "groups": {g: {"ms": ms, "kernels": counts[g]} for g, ms in groups.most_common()},
         "top": by_name.most_common(args.top),
@@ -98,6 +112,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--full", action="store_true", help="with device augmentation and EMA")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (median wall time)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rows = [profile_model(m, args) for m in args.models.split(",")]
@@ -108,7 +123,9 @@ def main() -> None:
     for r in rows:
         print(
             f"\n{r['model']}: {r['kernel_ms']:.2f} ms of kernels per step "
-            f"({r['img_per_s_kernels_only']:.0f} img/s if nothing else)"
+            f"({r['img_per_s_kernels_only']:.0f} img/s if nothing else); wall "
+            f"{r['wall_step_ms']:.2f} ms per step ({r['img_per_s_wall']:.0f} img/s, same compile); "
+            f"process peak {r['peak_mem_mib_process']} MiB"
         )
         for g, v in r["groups"].items():
             print(
