@@ -165,18 +165,33 @@ def _fitting_scratch(make_scratch, dtype):
         parts -= 1
 
 
+def _truncate_to_bf16(x: jax.Array) -> jax.Array:
+    """fp32 ``x`` with the low 16 bits of each value cleared: exactly a bf16 value, in fp32.
+
+    A bit mask, not ``x.astype(bf16).astype(f32)``: XLA on GPU folds that pair of converts into
+    nothing (openxla/xla#41605, ``xla_allow_excess_precision``), which would make every lower
+    part of :func:`_split` zero.
+    """
+    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFF0000)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def _split(x: jax.Array, op_dtype, parts: int) -> list[jax.Array]:
     """``x`` as ``parts`` operand-dtype arrays whose sum approximates it.
 
-    Each part is the operand-dtype rounding of what the previous ones leave: for bf16 8
-    mantissa bits each, so three parts hold all 24 of fp32's (two: 16, relative error up to
-    2^-17; measured as too coarse for the 1e-5 bar of the gate gradients).
+    One part: ``x`` cast to the operand dtype. Several (bf16 operands of fp32 inputs): each part
+    is the bf16 truncation of what the previous ones leave, 8 mantissa bits each, so three parts
+    hold all 24 of fp32's exactly (two: 16, relative error up to 2^-16; measured as too coarse
+    for the 1e-5 bar of the gate gradients).
     """
+    if parts == 1:
+        return [x.astype(op_dtype)]
     out = []
     rest = x.astype(jnp.float32)
     for _ in range(parts):
-        out.append(rest.astype(op_dtype))
-        rest = rest - out[-1].astype(jnp.float32)
+        part = _truncate_to_bf16(rest)
+        out.append(part.astype(op_dtype))  # exact
+        rest = rest - part
     return out
 
 
