@@ -6,7 +6,8 @@ GPU's layout inference) catches what the GPU lowering rejects.
 
 The wgmma operands are 16-bit. bf16 inputs are the operands (bar 1e-2 for the output and all
 five gradients); fp32 inputs are split into three bf16 parts with six wgmmas per product, and
-meet the fp32 bar (1e-5) like the Triton kernels, steep, flat and random gates and odd N.
+meet the fp32 bar (1e-5) like the Triton kernels, steep, flat and random gates and odd N
+(measured: at most 3e-6, ``dg`` with steep gates, on the CPU and on the H100 alike).
 """
 
 import functools

@@ -36,8 +36,10 @@ Numerics (all gates in log space, fp32; matmul operands bf16/f16 with fp32 accum
   6x the tensor-core work. For fp32 the chunk-local cumulative gates are kept as two terms,
   ``T @ hi`` (exact) and ``T @ (mid + lo)``, and exponents are their termwise differences
   (:func:`_minus`): with steep gates ``|G|`` reaches ~160 within a chunk, and the difference of
-  two such fp32 sums would be off by 1e-5. Measured (CPU interpret): 1e-7 to 3e-6 relative for
-  ``o`` and the five gradients, steep, flat and random gates.
+  two such fp32 sums would be off by 1e-5. Measured against float64 (CPU interpret and H100
+  alike): 6e-8 to 3e-6 relative for ``o`` and the five gradients, steep, flat and random gates
+  (the largest: ``dg`` with steep gates). The parts are cut by a bit mask
+  (:func:`_truncate_to_bf16`), not by ``astype`` pairs, which XLA on GPU folds away.
 
 XLA around the kernels: padding N to a multiple of 64, summing the two directions' fp32 halves,
 the diagonal terms and the two cumulative sums of the gate gradients.
@@ -47,6 +49,10 @@ Speed (H100, jax 0.11.2, (B, H, N, Dk, Dv) = (128, 3, 196, 32, 64) bf16, CUPTI; 
 0.158 ms (Triton 0.134), forward + backward **0.599 ms (Triton 0.732 in the same run)**. The
 Triton kernels tuned afterwards (split backward, commit 2783671) take 0.110 / 0.473 ms
 (``benchmarks/results/tune_bigla_h100.json``), so Triton is faster and stays the default.
+fp32 inputs (three-part operands, commit ad27922, same shape): forward 0.459 ms, forward +
+backward 1.876 ms (Triton 0.207 / 1.070 in the same run), kernels 0.37-0.44 ms each instead of
+0.105 (six wgmmas per product, one program per SM instead of two); bf16 in that run unchanged,
+0.158 / 0.597 ms.
 Each of the four kernel launches of fwd+bwd (forward, dv, dq, dk) takes 0.105-0.108 ms; the
 rest (0.17 ms) is XLA: padding, the fp32 sums of the two directions, casts, the gate-gradient
 cumsums. Measured variants of one kernel (ms):
