@@ -20,6 +20,7 @@ expression with a hand-written gradient, :func:`vig_jax.fused.gated_norm_output`
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
@@ -37,6 +38,35 @@ from vig_jax.layers import (
 
 GATE_LOW_RANK = 16  # gate_low_rank_dim
 GATE_NORMALIZER = 16.0  # gate_logit_normalizer
+
+
+def _conv_act(conv: nnx.Conv, u: jax.Array, act: bool) -> jax.Array:
+    """``act(conv(u))`` [B, h, w, d]; called rematerialised, so that only ``u`` is kept for the
+    backward pass (the conv's output before the SiLU is recomputed there, one depthwise conv)."""
+    c = conv(u)
+    return jax.nn.silu(c) if act else c
+
+
+@functools.partial(jax.checkpoint, static_argnums=(4,))
+def _log_gates(
+    c: jax.Array, w_low: jax.Array, w_up: jax.Array, b_up: jax.Array, dtype: Dtype
+) -> jax.Array:
+    """``logsigmoid(gk_proj[1](gk_proj[0](c))) / 16`` in ``dtype`` (at least fp32).
+
+    Rematerialised: the backward pass recomputes the two small products (d -> 16 -> d) from
+    ``c`` instead of keeping the fp32 copy of ``c`` and the fp32 gate logits ([B, N, d] each).
+
+    Args:
+      c: [B, N, d].
+      w_low: [d, 16]; w_up: [16, d]; b_up: [d].
+      dtype: the gate path's compute dtype.
+
+    Returns:
+      [B, N, d] log gates (first half forward direction, second half backward).
+    """
+    low = c.astype(dtype) @ w_low.astype(dtype)
+    logits = low @ w_up.astype(dtype) + b_up.astype(dtype)
+    return jax.nn.log_sigmoid(logits) / GATE_NORMALIZER
 
 
 class BiGLA(nnx.Module):
@@ -133,14 +163,16 @@ class BiGLA(nnx.Module):
         """
         b, h, w, d = u.shape
         n, heads = h * w, self.num_heads
-        c = self.in_proj(u)
-        if self.conv_act:
-            c = jax.nn.silu(c)
+        c = nnx.remat(_conv_act, static_argnums=(2,))(self.in_proj, u, self.conv_act)
         c = c.reshape(b, n, d)
         q, k, v = jnp.split(self.qkv_proj(c), [self.key_dim, 2 * self.key_dim], axis=-1)
-        gate_logits = self.gk_proj[1](self.gk_proj[0](c))
-        gate_dtype = jnp.promote_types(gate_logits.dtype, jnp.float32)
-        log_gates = jax.nn.log_sigmoid(gate_logits.astype(gate_dtype)) / GATE_NORMALIZER
+        log_gates = _log_gates(
+            c,
+            self.gk_proj[0].kernel[...],
+            self.gk_proj[1].kernel[...],
+            self.gk_proj[1].bias[...],
+            self.gk_proj[0].dtype,
+        )
         gf, gb = jnp.split(log_gates, 2, axis=-1)
 
         def per_head(x):  # [B, N, H*D] -> [B, N, H, D]

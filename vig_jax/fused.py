@@ -30,6 +30,13 @@ def _compute_dtype(*dtypes) -> jnp.dtype:
     return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
+def _no_cse(residuals):
+    """The residuals behind an optimisation barrier, so that XLA does not merge the backward's
+    recomputation with the forward's (which would keep the forward's fp32 intermediates alive
+    from the forward to the backward pass, as ``jax.checkpoint`` also prevents)."""
+    return jax.lax.optimization_barrier(residuals)
+
+
 def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Sums ``x`` [..., D] over every leading axis -> [D] (the gradient of a broadcast weight)."""
     return x.reshape(-1, shape[-1]).sum(axis=0)
@@ -77,7 +84,7 @@ def _rms_norm_fwd(x, weight, eps, out_dtype):
 
 
 def _rms_norm_bwd(eps, out_dtype, res, dy):
-    x, weight, rstd = res
+    x, weight, rstd = _no_cse(res)
     ct = rstd.dtype
     xhat = x.astype(ct) * rstd
     dyf = dy.astype(ct)
@@ -110,6 +117,7 @@ def _swiglu_fwd(h):
 
 
 def _swiglu_bwd(h, dz):
+    h = _no_cse(h)
     ct = _compute_dtype(h.dtype)
     a, b = jnp.split(h.astype(ct), 2, axis=-1)
     dzf = dz.astype(ct)
@@ -171,7 +179,7 @@ def _gated_fwd(o, c, gate_logits, weight_o, weight_c, eps, out_act):
 
 
 def _gated_bwd(eps, out_act, res, dz):
-    o, c, gate_logits, weight_o, weight_c = res
+    o, c, gate_logits, weight_o, weight_c = _no_cse(res)
     s, no, nc, wo, wc, rstd_o, rstd_c = _gated_parts(o, c, gate_logits, weight_o, weight_c, eps)
     dy = dz.astype(s.dtype)
     if out_act:

@@ -241,9 +241,23 @@ def vig_h_mlp_hidden(dim: int) -> int:
     return 32 * math.ceil(int(dim * 4 * 2 / 3) / 32)
 
 
+@jax.checkpoint
+def _swiglu_down(h: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``swiglu(h) @ kernel``, rematerialised: only ``h`` is kept for the backward pass.
+
+    The down projection's weight gradient needs ``swiglu(h)`` [..., F]; recomputing it from ``h``
+    (one elementwise pass) saves keeping it from the forward pass (a third of the MLP's
+    activations).
+    """
+    return fused.swiglu(h) @ kernel
+
+
 def _swiglu(x: jax.Array, w_in: nnx.Linear, w_out: nnx.Linear) -> jax.Array:
     """``w_out(silu(gate) * value)`` with ``gate, value = w_in(x).chunk(2)`` (gate first)."""
-    return w_out(fused.swiglu(w_in(x)))
+    h = w_in(x)
+    kernel = w_out.kernel[...]
+    dtype = w_out.dtype if w_out.dtype is not None else jnp.result_type(h, kernel)
+    return _swiglu_down(h.astype(dtype), kernel.astype(dtype))
 
 
 class SwiGLU(nnx.Module):
