@@ -26,7 +26,7 @@ CASES = [  # (B, N, H, Dk, Dv), gates, Config kwargs
     ((1, 33, 1, 128, 32), "random", {}),
     ((1, 40, 1, 24, 40), "random", {}),  # head dims that are not powers of two
     ((1, 1000, 1, 32, 64), "steep", {"chunk": 64, "save_states": False}),
-    ((2, 70, 1, 32, 64), "steep", {"chunk": 16}),  # one sub-chunk per chunk
+    ((2, 70, 1, 32, 64), "steep", {"chunk": 16, "save_scores": False}),  # one sub-chunk
     ((1, 197, 2, 32, 64), "random", {"chunk": 16, "bwd_chunk": 64, "bwd_warps": 2}),
     ((1, 300, 1, 32, 64), "steep", {"segments": 3, "save_states": False}),  # recomputed states
     ((2, 61, 3, 32, 64), "random", {"chunk": 32, "save_states": True}),
@@ -34,6 +34,9 @@ CASES = [  # (B, N, H, Dk, Dv), gates, Config kwargs
     ((1, 150, 3, 16, 32), "random", {"chunk": 32, "segments": 2, "save_scores": True}),
     ((1, 197, 2, 32, 64), "steep", {"unroll_rows": True}),  # static row loops
     ((1, 150, 1, 16, 32), "random", {"chunk": 32, "unroll_rows": True, "save_scores": True}),
+    ((1, 300, 1, 32, 64), "steep", {"segments": 3, "state_passes": 1}),  # local carries
+    ((1, 300, 2, 32, 64), "random", {"segments": 2}),  # two state passes (the default)
+    ((2, 150, 3, 16, 32), "random", {"segments": 4, "state_passes": 1, "save_states": False}),
 ]
 
 
@@ -62,6 +65,7 @@ def test_fp32_forward_and_gradients_match_float64_reference(shape, gates, config
         ((2, 197, 1, 32, 64), {}),
         ((1, 300, 3, 32, 64), {"segments": 2}),
         ((2, 100, 1, 32, 64), {"save_scores": True}),
+        ((1, 300, 3, 32, 64), {"segments": 3, "state_passes": 1}),
     ],
 )
 def test_bf16_forward_and_gradients_match_float64_reference(shape, config):
@@ -109,16 +113,24 @@ def _cuda_lowering_text(shape, dtype, config):
     ("dtype", "config", "calls"),
     [
         (jnp.float32, triton.Config(segments=1), 5),
-        (jnp.bfloat16, triton.Config(segments=3), 7),
+        (jnp.bfloat16, triton.Config(segments=3), 9),
         (jnp.bfloat16, triton.Config(chunk=16, bwd_chunk=64, bwd_warps=2), 9),
         (jnp.bfloat16, triton.Config(segments=3, save_states=False), 9),
-        (jnp.bfloat16, triton.Config(save_scores=True), 7),
+        (jnp.bfloat16, triton.Config(save_scores=False), 9),
+        (jnp.bfloat16, triton.Config(segments=3, state_passes=1), 7),
     ],
-    ids=["fp32", "bf16-segments", "bf16-chunk16-bwd64", "bf16-recomputed-states", "bf16-scores"],
+    ids=[
+        "fp32",
+        "bf16-segments",
+        "bf16-chunk16-bwd64",
+        "bf16-recomputed-states",
+        "bf16-no-scores",
+        "bf16-one-pass-states",
+    ],
 )
 def test_forward_and_backward_lower_to_triton_for_cuda(dtype, config, calls):
     """States, chunk (one forward, two backward) and, with segments, fold kernels lower
-    (recomputed states: the backward runs the forward's state and fold kernels again)."""
+    (two state kernels per direction by default: summaries, then complete carries)."""
     text = _cuda_lowering_text((2, 197, 3, 32, 64), dtype, config)
     assert text.count("__gpu$xla.gpu.triton") == calls
 
@@ -133,6 +145,8 @@ def test_config_and_input_validation():
     backward = triton.Config(chunk=16, bwd_chunk=64, bwd_warps=8, bwd_stages=3).backward()
     assert (backward.chunk, backward.num_warps, backward.num_stages) == (64, 8, 3)
     assert backward.bwd_chunk is None and backward.backward() == backward
+    with pytest.raises(ValueError, match="state_passes=3"):
+        triton.Config(state_passes=3)
     with pytest.raises(ValueError, match="segments=0"):
         triton.Config(segments=0)
     q = jnp.zeros((1, 8, 1, 16), jnp.float32)

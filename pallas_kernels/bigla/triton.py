@@ -8,23 +8,23 @@ device memory. The sequence is cut into chunks of ``BT`` tokens (FLA's ``chunk``
   state walks right to left in the same loop; the state entering each chunk is stored. The
   backward pass also carries the gradients of both states (reading q and the cotangent).
 * **segments** (long sequences only): each segment's summary (decay and state) is folded into
-  the state entering every segment by a tiny kernel. Nothing completes the per-chunk carries
-  in memory (an elementwise pass over [B, H, chunks, Dk, Dv] cost ~0.02 ms per carry pair
-  at 8x3x4096): a chunk kernel takes a carry as its segment-local part and the segment's
-  incoming state, the chunk's decay from the segment's edge folded into the row-side
-  exponents, as two tensor-core products (no [Dk, Dv] elementwise work: adding the parts in
-  the chunk kernels was much slower). The gate gradients' cross terms ``sum_v(h * d)`` are
-  split the same way: the backward state kernel sums the complete h against its local d,
-  the fold h_in against d_in, and only ``sum_v(h_local * d_in)`` is left to the dk/dv kernel.
+  the state entering every segment by a tiny kernel, so that the chunk kernels read complete
+  carries and know nothing of segments. By default (``state_passes=2``) a summary-only state
+  pass feeds the fold, then a second state pass starts each segment from its incoming state
+  and stores complete carries (H100, 8x3x4096, per direction: 0.035 + 0.009 + 0.045 ms);
+  ``state_passes=1`` stores segment-local carries and decays in one pass and completes them
+  after the fold in an elementwise XLA pass (0.045 + 0.009 + 0.042 ms). Slower on the H100:
+  a summary pass in steps of 64 tokens (0.037 / 0.040 ms instead of 0.035 / 0.036), and
+  taking the local carry and the incoming state as two products inside the chunk kernels
+  (0.87 vs 0.73 ms fwd+bwd at 8x3x4096, f137e45).
 * **chunk** (one program per batch, head and chunk, fully parallel): the forward writes the
   output rows of the chunk once (intra-chunk part of both directions + both inter-chunk
   parts). The backward is split in two kernels so that few [BT, D] tiles are live at once
   (register spills dominated a single kernel): ``bigla_backward_dq`` writes dq and q*dq per
   direction; ``bigla_backward_dkv`` writes dk, dv and both gate gradients (in place of the
-  q*dq buffers). The backward's state kernel carries the two state gradients, from the
-  forward's state carries: saved ones with ``Config.save_states``, else recomputed by the
-  forward's state kernel; with ``Config.save_scores`` the backward also reuses the
-  forward's score matrices (dv without recomputing the in-sub-chunk scores).
+  q*dq buffers). With ``Config.save_states`` the backward reuses the forward's state carries
+  and its state kernel only carries the two state gradients; with ``Config.save_scores`` also
+  the forward's score matrices (dv without recomputing the in-sub-chunk scores).
 
 Inside a chunk (e.g. 32 rows = 2 sub-chunks of 16): scores between different sub-chunks are
 tensor core products of gate-rescaled operands around the sub-chunk boundary; inside a
@@ -74,9 +74,13 @@ class Config:
         dtype) for the backward instead of recomputing them (only when the backward's chunk is
         the forward's): more residual memory, less backward work.
       save_scores: with saved states, also keep each chunk's score matrix ([B, H, chunks,
-        BT, BT] fp32) for dv, so that the backward does not recompute the in-sub-chunk scores.
+        BT, BT] in the dot dtype, which both products of the scores use) for dv, so that the
+        backward does not recompute the in-sub-chunk scores.
       unroll_rows: unroll the chunk kernels' 16-step in-sub-chunk loops (static row index:
         constant masks, no loop overhead; longer compiles).
+      state_passes: with segments, 1: one state pass storing segment-local carries, which
+        an elementwise XLA pass completes after the fold; 2: a pass storing only segment
+        summaries, the fold, then a pass storing complete carries (no completion pass).
     """
 
     chunk: int = 16
@@ -92,8 +96,9 @@ class Config:
     bwd_stages: int | None = None
     save_states: bool = True
     state_stages: int | None = 3
-    save_scores: bool = False
+    save_scores: bool = True
     unroll_rows: bool = False
+    state_passes: int = 2
 
     def __post_init__(self):
         if self.fp32_dots not in ("tf32x3", "ieee"):
@@ -102,6 +107,8 @@ class Config:
             chunk = getattr(self, name)
             if chunk is not None and (chunk < SUB or chunk & (chunk - 1)):
                 raise ValueError(f"{name}={chunk}; expected a power of two >= {SUB}")
+        if self.state_passes not in (1, 2):
+            raise ValueError(f"state_passes={self.state_passes}; expected 1 or 2")
         if self.segments is not None and self.segments < 1:
             raise ValueError(f"segments={self.segments}; expected None or >= 1")
         for name in ("num_warps", "state_warps", "bwd_warps"):
@@ -430,123 +437,79 @@ def _segment(dims: _Dims):
 
 
 # State-kernel carries: name -> (walks from the left?, gate direction). h_f / h_b are the
-# forward / backward direction's states, d_f / d_b their gradients (partners h_f, h_b).
+# forward / backward direction's states, d_f / d_b their gradients.
 _CARRY_WALKS = {"h_f": (True, "f"), "h_b": (False, "b"), "d_f": (False, "f"), "d_b": (True, "b")}
 _STATES = ("h_f", "h_b")
 _GRADS = ("d_f", "d_b")
 
 
-def _n_carry_refs(n: int, dims: _Dims) -> int:
-    """Refs of n carries: local [NC_pad, Dk, Dv] (+ log [NC_pad, Dk], incoming [NS_pad, Dk, Dv])."""
-    return n if dims.ns == 1 else 3 * n
-
-
-@dataclasses.dataclass
-class _ChunkCarry:
-    """One carry entering chunk c: local + exp(log)[:, None] * incoming (the last two None
-    without segments). local, incoming [Dk, Dv] in the dot dtype, log [Dk] fp32 (<= 0)."""
-
-    local: jax.Array
-    log: jax.Array | None = None
-    incoming: jax.Array | None = None
-
-    def full(self) -> jax.Array:
-        """The complete carry, [Dk, Dv] fp32 (elementwise: only for the state kernels)."""
-        x = self.local.astype(jnp.float32)
-        if self.log is None:
-            return x
-        return x + jnp.exp(self.log)[:, None] * self.incoming.astype(jnp.float32)
-
-
-def _chunk_carries(c, refs, n: int, dims: _Dims) -> list[_ChunkCarry]:
-    """The n carries of chunk c from their :func:`_n_carry_refs` refs (locals, logs, incoming)."""
-    if dims.ns == 1:
-        return [_ChunkCarry(ref[c, :, :]) for ref in refs]
-    seg = c // dims.cps
-    return [
-        _ChunkCarry(local[c, :, :], log[c, :], incoming[seg, :, :])
-        for local, log, incoming in zip(refs[:n], refs[n : 2 * n], refs[2 * n :], strict=True)
-    ]
-
-
-def _through(x, e, carry: _ChunkCarry, dims: _Dims):
-    """(x * exp(e)) @ carry, [BT, Dv]: x, e [BT, Dk]; the incoming part as its own product."""
-    out = _mm(x * jnp.exp(e), carry.local, dims)
-    if carry.log is not None:
-        out += _mm(x * jnp.exp(e + carry.log[None, :]), carry.incoming, dims)
-    return out
-
-
-def _through_t(y, e, carry: _ChunkCarry, dims: _Dims):
-    """(y @ carry^T) * exp(e), [BT, Dk]: y [BT, Dv], e [BT, Dk] (like :func:`_through`)."""
-    out = _mm_nt(y, carry.local, dims) * jnp.exp(e)
-    if carry.log is not None:
-        out += _mm_nt(y, carry.incoming, dims) * jnp.exp(e + carry.log[None, :])
-    return out
-
-
-def _states_kernel(*refs, dims: _Dims, names: tuple[str, ...]):
+def _states_kernel(*refs, dims: _Dims, names: tuple[str, ...], mode: str):
     """Sequential over the chunks of one segment: the carries ``names`` entering every chunk.
 
     Left walkers (h_f, d_b) move left to right and right walkers (h_b, d_f) right to left
-    in the same loop. Per chunk it stores the segment-local carry; with segments it also
-    stores the log decays from the segment's edge and the segment's own summary.
-    Inputs: q, k, v, gf, gb and, for the gradient carries (``names == _GRADS``), do and the
-    forward's state carries (:func:`_n_carry_refs` refs of h_f, h_b), from which it also
-    stores per chunk the cross partial ``sum_v(h_full * d_local)`` [Dk] of each direction.
-    """
-    grads = names == _GRADS
-    n = len(names)
-    q_ref, k_ref, v_ref, gf_ref, gb_ref = refs[:5]
-    refs = refs[5:]
-    if grads:
-        do_ref, refs = refs[0], refs[1:]
-        n_h = _n_carry_refs(n, dims)
-        h_refs, refs = refs[:n_h], refs[n_h:]
-    carry_refs, refs = refs[:n], refs[n:]
-    if grads:
-        cross_refs, refs = refs[:n], refs[n:]
-    segmented = dims.ns > 1
-    if segmented:
-        log_refs, sum_refs = refs[:n], refs[n : 2 * n]  # per chunk, per segment
-        seg_log_f_ref, seg_log_b_ref = refs[2 * n :]
-    first, last = _segment(dims)
-    if grads and segmented:  # the forward's incoming states of this segment, loaded once
-        seg = pl.program_id(2)
-        h_in = [ref[seg, :, :] for ref in h_refs[2 * n :]]
+    in the same loop. Inputs: q, k, v, gf, gb and, when a gradient carry is among ``names``,
+    do. ``mode`` (see :func:`_carries`):
 
-    def partner(idx, c):  # the forward's complete state carry of chunk c, fp32
-        if not segmented:
-            return _ChunkCarry(h_refs[idx][c, :, :]).full()
-        return _ChunkCarry(h_refs[idx][c, :, :], h_refs[n + idx][c, :], h_in[idx]).full()
+    * "local": per chunk the segment-local carry; with segments also the log decays from the
+      segment's edge (per chunk) and the segment's own summary and whole decays.
+    * "summary": only the segment's summary and whole decays (no per-chunk stores).
+    * "complete": every segment starts from its incoming carries (one more input per carry)
+      and stores the complete carry per chunk.
+    """
+    grads = any(name in _GRADS for name in names)
+    n_in = 6 if grads else 5
+    q_ref, k_ref, v_ref, gf_ref, gb_ref = refs[:5]
+    do_ref = refs[5] if grads else None
+    refs = list(refs[n_in:])
+    n_carry = len(names)
+    segmented = dims.ns > 1
+    in_refs = carry_refs = log_refs = sum_refs = None
+    if mode == "complete":
+        in_refs, refs = refs[:n_carry], refs[n_carry:]  # per segment
+    if mode != "summary":
+        carry_refs, refs = refs[:n_carry], refs[n_carry:]  # per chunk
+    if mode == "local" and segmented:
+        log_refs, refs = refs[:n_carry], refs[n_carry:]  # per chunk
+    if mode == "summary" or log_refs is not None:
+        sum_refs, refs = refs[:n_carry], refs[n_carry:]  # per segment
+        seg_log_f_ref, seg_log_b_ref = refs
+    first, last = _segment(dims)
+    states_needed = any(name in _STATES for name in names)
 
     def load(c):
         g = _gates(_load_chunk_rows(gf_ref, c, dims), _load_chunk_rows(gb_ref, c, dims), dims)
+        k = v = q = do = None
+        if states_needed:
+            k = _load_chunk_rows(k_ref, c, dims)
+            v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
         if grads:
             q = _load_chunk_rows(q_ref, c, dims)
             do = _load_chunk_rows(do_ref, c, dims) * (0.5 * dims.scale)
-            return q, do, g
-        k = _load_chunk_rows(k_ref, c, dims)
-        v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
-        return k, v, g
+        return q, k, v, do, g
 
     def step(name, x, chunk):
-        a, b, g = chunk  # (k, v) or (q, do)
+        q, k, v, do, g = chunk
         total = g.total_f if _CARRY_WALKS[name][1] == "f" else g.total_b
-        exponent = {"h_f": g.kf, "h_b": g.kb, "d_f": g.qf, "d_b": g.qb}[name]
-        return jnp.exp(total)[:, None] * x + _mm_tn(a * jnp.exp(exponent), b, dims), total
+        if name == "h_f":
+            new = _mm_tn(k * jnp.exp(g.kf), v, dims)
+        elif name == "h_b":
+            new = _mm_tn(k * jnp.exp(g.kb), v, dims)
+        elif name == "d_f":
+            new = _mm_tn(q * jnp.exp(g.qf), do, dims)
+        else:
+            new = _mm_tn(q * jnp.exp(g.qb), do, dims)
+        return jnp.exp(total)[:, None] * x + new, total
 
     def body(i, carry):
         states, logs = carry
         c_l, c_r = first + i, last - 1 - i
         chunk_of = lambda name: c_l if _CARRY_WALKS[name][0] else c_r
         for idx, name in enumerate(names):
-            c = chunk_of(name)
-            carry_refs[idx][c, :, :] = states[idx].astype(carry_refs[idx].dtype)
-            if grads:
-                cross_refs[idx][c, :] = jnp.sum(partner(idx, c) * states[idx], axis=1)
-            if segmented:  # log decay from the segment's edge to the chunk
-                log_refs[idx][c, :] = logs[idx]
+            if carry_refs is not None:
+                ref = carry_refs[idx]
+                ref[chunk_of(name), :, :] = states[idx].astype(ref.dtype)
+            if log_refs is not None:  # log decay from the segment's edge to the chunk
+                log_refs[idx][chunk_of(name), :] = logs[idx]
         new_states, new_logs = list(states), list(logs)
         for from_left, c in ((True, c_l), (False, c_r)):  # one chunk's values live at a time
             chunk = load(c)
@@ -558,9 +521,10 @@ def _states_kernel(*refs, dims: _Dims, names: tuple[str, ...]):
 
     zero_s = jnp.zeros((dims.dk, dims.dv), jnp.float32)
     zero_d = jnp.zeros((dims.dk,), jnp.float32)
-    init = ((zero_s,) * n, (zero_d,) * n)
+    start = (zero_s,) * n_carry if in_refs is None else tuple(ref[...] for ref in in_refs)
+    init = (start, (zero_d,) * n_carry)
     states, logs = lax.fori_loop(0, last - first, body, init)
-    if segmented:
+    if sum_refs is not None:
         for ref, x in zip(sum_refs, states, strict=True):
             ref[...] = x
         gates = [_CARRY_WALKS[name][1] for name in names]
@@ -568,21 +532,10 @@ def _states_kernel(*refs, dims: _Dims, names: tuple[str, ...]):
         seg_log_b_ref[...] = logs[gates.index("b")]
 
 
-_FOLD_UNROLL = 32  # the fold kernel's loop over segments is unrolled up to this many
-
-
 def _fold_kernel(log_f_ref, log_b_ref, *refs, dims: _Dims, names: tuple[str, ...]):
-    """Carries entering every segment from the segment summaries (sequential over segments).
-
-    Refs: summaries, [gradient carries: the forward's incoming states], outputs: incoming
-    carries (dot dtype), [gradient carries: ``sum_v(h_in * d_in)`` [NS_pad, Dk] fp32].
-    """
+    """Carries entering every segment from the segment summaries (sequential over segments)."""
     n = len(names)
-    grads = names == _GRADS
-    sum_refs, refs = refs[:n], refs[n:]
-    if grads:
-        h_in_refs, refs = refs[:n], refs[n:]
-    in_refs, z_refs = refs[:n], refs[n:]
+    sum_refs, in_refs = refs[:n], refs[n:]
     zero = jnp.zeros((dims.dk, dims.dv), jnp.float32)
 
     def body(i, carries):
@@ -591,36 +544,30 @@ def _fold_kernel(log_f_ref, log_b_ref, *refs, dims: _Dims, names: tuple[str, ...
             from_left, gate = _CARRY_WALKS[name]
             log_ref = log_f_ref if gate == "f" else log_b_ref
             seg = i if from_left else dims.ns - 1 - i
-            in_refs[idx][seg, :, :] = h.astype(in_refs[idx].dtype)
-            if grads:
-                partner = h_in_refs[idx][seg, :, :].astype(jnp.float32)
-                z_refs[idx][seg, :] = jnp.sum(partner * h, axis=1)
+            in_refs[idx][seg, :, :] = h
             new.append(jnp.exp(log_ref[seg, :])[:, None] * h + sum_refs[idx][seg, :, :])
         return tuple(new)
 
-    carries = (zero,) * n
-    if dims.ns > _FOLD_UNROLL:
-        lax.fori_loop(0, dims.ns, body, carries)
-        return
-    for i in range(dims.ns):  # static: every segment's loads can be issued up front
-        carries = body(i, carries)
+    lax.fori_loop(0, dims.ns, body, (zero,) * n)
+
+
+def _carries_of_chunk(c, carry_refs):
+    """The carries of chunk c (complete: segments already folded in), [Dk, Dv] fp32 each."""
+    return [ref[c, :, :].astype(jnp.float32) for ref in carry_refs]
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, *refs, dims: _Dims, scores: bool):
-    """Output rows of one chunk; with ``scores`` also its [BT, BT] score matrix (query-major).
-
-    Refs after the inputs: the state carries h_f, h_b (:func:`_n_carry_refs`), outputs.
-    """
-    n_h = _n_carry_refs(2, dims)
-    carry_refs, refs = refs[:n_h], refs[n_h:]
+    """Output rows of one chunk; with ``scores`` also its [BT, BT] score matrix (query-major)."""
+    carry_refs, refs = refs[:2], refs[2:]
     o_ref = refs[0]
     c = pl.program_id(2)
     q32 = _load_chunk_rows(q_ref, c, dims)
     k32 = _load_chunk_rows(k_ref, c, dims)
     v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
     g = _gates(_load_chunk_rows(gf_ref, c, dims), _load_chunk_rows(gb_ref, c, dims), dims)
-    h_f, h_b = _chunk_carries(c, carry_refs, 2, dims)
-    o = _through(q32, g.qf, h_f, dims) + _through(q32, g.qb, h_b, dims)
+    h_f, h_b = _carries_of_chunk(c, carry_refs)
+    o = _mm(q32 * jnp.exp(g.qf), h_f, dims)
+    o += _mm(q32 * jnp.exp(g.qb), h_b, dims)
 
     def column(j, carry):  # key row j of every sub-chunk: the diagonal blocks' scores, exact
         a, prefix_f, prefix_b = carry
@@ -638,7 +585,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, *refs, dims: _Dims, sco
     o += _mm(a, v, dims)
     _store_chunk_rows(o_ref, c, dims, o * (0.5 * dims.scale))
     if scores:
-        refs[1][c, :, :] = a
+        refs[1][c, :, :] = a.astype(refs[1].dtype)
 
 
 def _backward_dq_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims: _Dims):
@@ -648,8 +595,7 @@ def _backward_dq_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims
     inter-chunk and off-diagonal terms first, then the in-sub-chunk loop, so that little
     besides the loop's own values is live across it.
     """
-    n_h = _n_carry_refs(2, dims)
-    carry_refs, refs = refs[:n_h], refs[n_h:]
+    carry_refs, refs = refs[:2], refs[2:]
     dq_ref, qdq_f_ref, qdq_b_ref = refs
     c = pl.program_id(2)
     k32 = _load_chunk_rows(k_ref, c, dims)
@@ -659,9 +605,9 @@ def _backward_dq_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims
     da = _mm_nt(do, v, dims)  # [BT, BT]: d score[r, s]
 
     # Inter-chunk terms, then the off-diagonal sub-blocks.
-    h_f, h_b = _chunk_carries(c, carry_refs, 2, dims)
-    dq_f = _through_t(do, g.qf, h_f, dims)
-    dq_b = _through_t(do, g.qb, h_b, dims)
+    h_f, h_b = _carries_of_chunk(c, carry_refs)
+    dq_f = _mm_nt(do, h_f, dims) * jnp.exp(g.qf)
+    dq_b = _mm_nt(do, h_b, dims) * jnp.exp(g.qb)
     sub = _iota((dims.bt, 1), 0) // SUB
     e_pf, e_sb = jnp.exp(g.pf), jnp.exp(g.sb)
     for direction, i, key_factor in _boundary_factors(g, dims):
@@ -690,23 +636,6 @@ def _backward_dq_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims
     _store_chunk_rows(qdq_b_ref, c, dims, q32 * dq_b)
 
 
-def _cross(c, idx, d: _ChunkCarry, partial_refs, h_refs, dims: _Dims):
-    """sum_v(h * d) [Dk] of the complete carries of chunk c (direction idx: 0 f, 1 b).
-
-    With h = h_loc + a h_in and d = d_loc + b d_in (a, b the decays from the segment's edge):
-    the state kernel's partial sum_v(h * d_loc) + b (sum_v(h_loc * d_in) + a sum_v(h_in * d_in)),
-    the last sum per segment from the fold; only the middle one is [Dk, Dv] work here.
-    """
-    partial = partial_refs[idx][c, :]
-    if dims.ns == 1:
-        return partial
-    h_loc = h_refs[idx][c, :, :].astype(jnp.float32)
-    a = jnp.exp(h_refs[2 + idx][c, :])
-    z = h_refs[4 + idx][c // dims.cps, :]
-    local_in = jnp.sum(h_loc * d.incoming.astype(jnp.float32), axis=1)
-    return partial + jnp.exp(d.log) * (local_in + a * z)
-
-
 def _backward_dkv_kernel(
     q_ref,
     k_ref,
@@ -727,18 +656,11 @@ def _backward_dkv_kernel(
     dgf = suffix-sum(a_f) + exclusive prefix-sum(b_f) + cross_f and
     dgb = prefix-sum(a_b) + exclusive suffix-sum(b_b) + cross_b, one cumulative sum each.
     With ``scores`` the first extra ref holds the forward's score matrices (dv needs them).
-    Then the gradient carries d_f, d_b (:func:`_n_carry_refs`), their cross partials
-    sum_v(h_full * d_local) [NC_pad, Dk] and, with segments, the forward's local state
-    carries, their logs and sum_v(h_in * d_in) per segment (see :func:`_cross`).
     """
     a_ref = None
     if scores:
         a_ref, refs = refs[0], refs[1:]
-    n_d = _n_carry_refs(2, dims)
-    d_refs, partial_refs, refs = refs[:n_d], refs[n_d : n_d + 2], refs[n_d + 2 :]
-    h_refs = None
-    if dims.ns > 1:
-        h_refs, refs = refs[:6], refs[6:]
+    carry_refs, refs = refs[:4], refs[4:]
     dk_ref, dv_ref, dgf_ref, dgb_ref = refs
     c = pl.program_id(2)
     q32 = _load_chunk_rows(q_ref, c, dims)
@@ -750,16 +672,17 @@ def _backward_dkv_kernel(
 
     # Inter-chunk terms: dv's, and dk's as part of the output (dk_inter) and of the gate
     # gradients (b = k * dk per direction), with the cross terms.
-    d_f, d_b = _chunk_carries(c, d_refs, 2, dims)
-    dk_f_inter = _through_t(v, g.kf, d_f, dims)
-    dk_b_inter = _through_t(v, g.kb, d_b, dims)
-    dv = _through(k32, g.kf, d_f, dims) + _through(k32, g.kb, d_b, dims)
+    h_f, h_b, d_f, d_b = _carries_of_chunk(c, carry_refs)
+    e_kf, e_kb = jnp.exp(g.kf), jnp.exp(g.kb)
+    dk_f_inter = _mm_nt(v, d_f, dims) * e_kf
+    dk_b_inter = _mm_nt(v, d_b, dims) * e_kb
+    dv = _mm(k32 * e_kf, d_f, dims) + _mm(k32 * e_kb, d_b, dims)
     own = 2.0 * jnp.sum(do * v.astype(jnp.float32), axis=1, keepdims=True)  # both directions
     dk_rest = dk_f_inter + dk_b_inter + own * q32
     b_f = k32 * dk_f_inter
     b_b = k32 * dk_b_inter
-    cross_f = jnp.exp(g.total_f) * _cross(c, 0, d_f, partial_refs, h_refs, dims)
-    cross_b = jnp.exp(g.total_b) * _cross(c, 1, d_b, partial_refs, h_refs, dims)
+    cross_f = jnp.exp(g.total_f) * jnp.sum(h_f * d_f, axis=1)
+    cross_b = jnp.exp(g.total_b) * jnp.sum(h_b * d_b, axis=1)
 
     # Off-diagonal sub-blocks; at[s, r] collects the score of query r and key s.
     sub = _iota((dims.bt, 1), 0) // SUB
@@ -843,121 +766,135 @@ def _state_params(config: Config):
     return _params(config.state_warps, stages)
 
 
-def _carry_set_specs(n: int, dims: _Dims) -> list[pl.BlockSpec]:
-    """BlockSpecs of n carries in :func:`_n_carry_refs` order (locals, logs, incoming)."""
-    specs = [_per_bh_spec(dims.nc_pad, dims.dk, dims.dv)] * n
-    if dims.ns > 1:
-        specs += [_per_bh_spec(dims.nc_pad, dims.dk)] * n
-        specs += [_per_bh_spec(dims.ns_pad, dims.dk, dims.dv)] * n
-    return specs
+def _state_kernel_name(grads: bool, mode: str) -> str:
+    base = "bigla_states_bwd" if grads else "bigla_states"
+    return base if mode == "local" else f"{base}_{mode}"
 
 
-def _carries(args, dims: _Dims, config: Config, interpret: bool, names, h_set=None):
-    """Per-chunk carries in :func:`_n_carry_refs` order, and for gradients the cross terms.
+def _carries(args, dims: _Dims, config: Config, interpret: bool, names: tuple[str, ...]):
+    """Per-chunk carries entering each chunk, complete (segments folded in).
 
     Args:
-      args: (q, k, v, gf, gb) and, for the gradient carries, do.
-      names: ``_STATES`` or ``_GRADS`` (see ``_CARRY_WALKS``), in the order returned.
-      h_set: for ``_GRADS``, the state carries (this function's result for ``_STATES``).
+      args: (q, k, v, gf, gb) and, for gradient carries, do.
+      names: which carries (see ``_CARRY_WALKS``), in the order they are returned.
 
     Returns:
-      (carry_set, cross): carry_set lists the [B, H, NC_pad, Dk, Dv] segment-local carries
-      entering each chunk (dot dtype), and with segments their [B, H, NC_pad, Dk] log decays
-      from the segment's edge and the [B, H, NS_pad, Dk, Dv] carries entering each segment
-      (dot dtype): nothing completes them in memory, the chunk kernels use the parts.
-      cross: None for states; for gradients the per-chunk partials [B, H, NC_pad, Dk] and,
-      with segments, the per-segment sum_v(h_in * d_in) [B, H, NS_pad, Dk] (see _cross).
+      list of [B, H, NC_pad, Dk, Dv] carries entering each chunk, in the dot dtype. With
+      segments and ``config.state_passes == 1``: segment-local carries completed by
+      :func:`_add_incoming`; with 2: a summary pass, the fold, then a pass that starts every
+      segment from its incoming carries and stores complete ones.
     """
     b, _, h, _ = args[0].shape
     n = len(names)
-    grads = names == _GRADS
+    grads = any(name in _GRADS for name in names)
     carry = jax.ShapeDtypeStruct((b, h, dims.nc_pad, dims.dk, dims.dv), dims.dot_dtype)
-    per_chunk = jax.ShapeDtypeStruct((b, h, dims.nc_pad, dims.dk), jnp.float32)
-    out_shape = [carry] * n + [per_chunk] * (n if grads else 0)
-    out_specs = [_per_bh_spec(dims.nc_pad, dims.dk, dims.dv)] * n
-    out_specs += [_per_bh_spec(dims.nc_pad, dims.dk)] * (n if grads else 0)
-    if dims.ns > 1:
-        summary = jax.ShapeDtypeStruct((b, h, dims.ns_pad, dims.dk, dims.dv), jnp.float32)
-        seg_log = jax.ShapeDtypeStruct((b, h, dims.ns_pad, dims.dk), jnp.float32)
-        out_shape += [per_chunk] * n + [summary] * n + [seg_log] * 2
-        out_specs += [_per_bh_spec(dims.nc_pad, dims.dk)] * n
-        out_specs += [_per_program_spec(dims.dk, dims.dv)] * n + [_per_program_spec(dims.dk)] * 2
-    in_specs = [_seq_spec(dims, x.shape[-1]) for x in args]
-    extra = list(h_set) if grads else []
-    outs = pl.pallas_call(
-        functools.partial(_states_kernel, dims=dims, names=names),
-        out_shape=out_shape,
-        grid=(b, h, dims.ns),
-        in_specs=in_specs + (_carry_set_specs(n, dims) if grads else []),
-        out_specs=out_specs,
-        compiler_params=_state_params(config),
-        interpret=interpret,
-        name="bigla_states_bwd" if grads else "bigla_states",
-    )(*args, *extra)
-    carries, outs = list(outs[:n]), outs[n:]
-    partials = None
-    if grads:
-        partials, outs = list(outs[:n]), outs[n:]
+    carry_spec = _per_bh_spec(dims.nc_pad, dims.dk, dims.dv)
+    summary = jax.ShapeDtypeStruct((b, h, dims.ns_pad, dims.dk, dims.dv), jnp.float32)
+    seg_log = jax.ShapeDtypeStruct((b, h, dims.ns_pad, dims.dk), jnp.float32)
+    summary_shapes = [summary] * n + [seg_log] * 2
+    summary_specs = [_per_program_spec(dims.dk, dims.dv)] * n + [_per_program_spec(dims.dk)] * 2
+    two_pass = dims.ns > 1 and config.state_passes == 2
+
+    def states(mode, out_shape, out_specs, extra=(), extra_specs=()):
+        return pl.pallas_call(
+            functools.partial(_states_kernel, dims=dims, names=names, mode=mode),
+            out_shape=out_shape,
+            grid=(b, h, dims.ns),
+            in_specs=[_seq_spec(dims, x.shape[-1]) for x in args] + list(extra_specs),
+            out_specs=out_specs,
+            compiler_params=_state_params(config),
+            interpret=interpret,
+            name=_state_kernel_name(grads, mode),
+        )(*args, *extra)
+
     if dims.ns == 1:
-        return carries, (None if partials is None else (partials, None))
-    logs, summaries, seg_logs = list(outs[:n]), outs[n : 2 * n], outs[2 * n :]
-    incoming = jax.ShapeDtypeStruct(summaries[0].shape, dims.dot_dtype)
-    seg_vec = jax.ShapeDtypeStruct(seg_logs[0].shape, jnp.float32)
-    h_in = list(h_set[2 * n :]) if grads else []
-    folded = pl.pallas_call(
+        return list(states("local", [carry] * n, [carry_spec] * n))
+    if two_pass:
+        outs = states("summary", summary_shapes, summary_specs)
+        summaries, seg_logs = outs[:n], outs[n:]
+    else:
+        log = jax.ShapeDtypeStruct((b, h, dims.nc_pad, dims.dk), jnp.float32)
+        out_shape = [carry] * n + [log] * n + summary_shapes
+        out_specs = [carry_spec] * n + [_per_bh_spec(dims.nc_pad, dims.dk)] * n + summary_specs
+        outs = states("local", out_shape, out_specs)
+        carries, logs = outs[:n], outs[n : 2 * n]
+        summaries, seg_logs = outs[2 * n : 3 * n], outs[3 * n :]
+    incoming = pl.pallas_call(
         functools.partial(_fold_kernel, dims=dims, names=names),
-        out_shape=[incoming] * n + [seg_vec] * len(h_in),
+        out_shape=[jax.ShapeDtypeStruct(summaries[0].shape, jnp.float32)] * n,
         grid=(b, h, 1),
         in_specs=[_per_bh_spec(dims.ns_pad, dims.dk)] * 2
-        + [_per_bh_spec(dims.ns_pad, dims.dk, dims.dv)] * (n + len(h_in)),
-        out_specs=[_per_bh_spec(dims.ns_pad, dims.dk, dims.dv)] * n
-        + [_per_bh_spec(dims.ns_pad, dims.dk)] * len(h_in),
+        + [_per_bh_spec(dims.ns_pad, dims.dk, dims.dv)] * n,
+        out_specs=[_per_bh_spec(dims.ns_pad, dims.dk, dims.dv)] * n,
         compiler_params=_state_params(config),
         interpret=interpret,
         name="bigla_segment_fold",
-    )(*seg_logs, *summaries, *h_in)
-    carry_set = carries + logs + list(folded[:n])
-    return carry_set, (None if partials is None else (partials, list(folded[n:])))
+    )(*seg_logs, *summaries)
+    if two_pass:
+        in_specs = [_per_program_spec(dims.dk, dims.dv)] * n
+        return list(states("complete", [carry] * n, [carry_spec] * n, incoming, in_specs))
+    return [_add_incoming(*x, dims) for x in zip(carries, logs, incoming, strict=True)]
+
+
+def _add_incoming(carry, log, incoming, dims: _Dims):
+    """Complete carries: segment-local carry + decay from the segment's edge * incoming.
+
+    One fused elementwise pass (XLA) over [B, H, NC_pad, Dk, Dv], so that the chunk kernels
+    read one carry per chunk and nothing about segments.
+
+    Args:
+      carry: [B, H, NC_pad, Dk, Dv] segment-local carries (dot dtype).
+      log: [B, H, NC_pad, Dk] log decay between the segment's edge and the chunk (<= 0).
+      incoming: [B, H, NS_pad, Dk, Dv] fp32 carry entering each segment.
+    """
+    seg = jnp.minimum(jnp.arange(dims.nc_pad) // dims.cps, dims.ns_pad - 1)
+    full = carry.astype(jnp.float32) + jnp.exp(log)[..., None] * incoming[:, :, seg]
+    return full.astype(carry.dtype)
+
+
+def _carry_specs(carries, dims: _Dims):
+    return [_per_bh_spec(dims.nc_pad, dims.dk, dims.dv)] * len(carries)
 
 
 def _forward(q, k, v, gf, gb, dims: _Dims, config: Config, interpret: bool, scores=False):
-    """Output [B, N, H, Dv], the state carry set of :func:`_carries` and, with ``scores``,
-    the chunks' score matrices [B, H, NC_pad, BT, BT] fp32 (else None)."""
+    """Output [B, N, H, Dv], the state carries [h_f, h_b] of :func:`_carries` and, with
+    ``scores``, the chunks' score matrices [B, H, NC_pad, BT, BT] in the dot dtype (else None)."""
     b, _, h, _ = q.shape
     args = (q, k, v, gf, gb)
-    h_set, _ = _carries(args, dims, config, interpret, _STATES)
+    carries = _carries(args, dims, config, interpret, _STATES)
     out_shape = [jax.ShapeDtypeStruct((b, dims.n, h, dims.dv), v.dtype)]
     out_specs = [_seq_spec(dims, dims.dv)]
     if scores:
-        out_shape.append(jax.ShapeDtypeStruct((b, h, dims.nc_pad, dims.bt, dims.bt), jnp.float32))
+        score_shape = (b, h, dims.nc_pad, dims.bt, dims.bt)
+        out_shape.append(jax.ShapeDtypeStruct(score_shape, dims.dot_dtype))
         out_specs.append(_per_bh_spec(dims.nc_pad, dims.bt, dims.bt))
     outs = pl.pallas_call(
         functools.partial(_forward_kernel, dims=dims, scores=scores),
         out_shape=out_shape,
         grid=(b, h, dims.nc),
-        in_specs=[_seq_spec(dims, x.shape[-1]) for x in args] + _carry_set_specs(2, dims),
+        in_specs=[_seq_spec(dims, x.shape[-1]) for x in args] + _carry_specs(carries, dims),
         out_specs=out_specs,
         compiler_params=_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="bigla_forward",
-    )(*args, *h_set)
-    return outs[0], h_set, (outs[1] if scores else None)
+    )(*args, *carries)
+    return outs[0], carries, (outs[1] if scores else None)
 
 
 def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool, saved=None):
     """The five gradients.
 
-    ``saved``: None (states recomputed) or (the forward's state carry set, its score
-    matrices or None).
+    ``saved``: None (states recomputed) or (the forward's state carries, its score matrices
+    or None).
     """
     b, _, h, _ = q.shape
     args = (q, k, v, gf, gb, do)
     scores = None
     if saved is None:
-        h_set, _ = _carries(args[:5], dims, config, interpret, _STATES)
+        carries = _carries(args, dims, config, interpret, _STATES + _GRADS)
     else:
-        h_set, scores = saved
-    d_set, (partials, z) = _carries(args, dims, config, interpret, _GRADS, h_set)
+        carries = list(saved[0]) + _carries(args, dims, config, interpret, _GRADS)
+        scores = saved[1]
     score_args = [] if scores is None else [scores]
     score_specs = [] if scores is None else [_per_bh_spec(dims.nc_pad, dims.bt, dims.bt)]
     seq_specs = [_seq_spec(dims, x.shape[-1]) for x in args]
@@ -966,19 +903,12 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool,
         functools.partial(_backward_dq_kernel, dims=dims),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), f32_like(q), f32_like(q)],
         grid=(b, h, dims.nc),
-        in_specs=seq_specs + _carry_set_specs(2, dims),
+        in_specs=seq_specs + _carry_specs(carries[:2], dims),
         out_specs=[_seq_spec(dims, dims.dk)] * 3,
         compiler_params=_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="bigla_backward_dq",
-    )(*args, *h_set)
-    # dk/dv kernel: the d carry set, the cross partials and, with segments, the forward's
-    # local state carries, their logs and the per-segment sums (see _cross).
-    cross_args = list(partials)
-    cross_specs = [_per_bh_spec(dims.nc_pad, dims.dk)] * 2
-    if dims.ns > 1:
-        cross_args += list(h_set[:4]) + list(z)
-        cross_specs += _carry_set_specs(2, dims)[:4] + [_per_bh_spec(dims.ns_pad, dims.dk)] * 2
+    )(*args, *carries[:2])
     n_in = len(args) + 2
     dk, dv, dgf, dgb = pl.pallas_call(
         functools.partial(_backward_dkv_kernel, dims=dims, scores=scores is not None),
@@ -992,14 +922,13 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool,
         in_specs=seq_specs
         + [_seq_spec(dims, dims.dk)] * 2
         + score_specs
-        + _carry_set_specs(2, dims)
-        + cross_specs,
+        + _carry_specs(carries, dims),
         out_specs=[_seq_spec(dims, x.shape[-1]) for x in (k, v, gf, gb)],
         input_output_aliases={n_in - 2: 2, n_in - 1: 3},  # q*dq buffers become dgf, dgb
         compiler_params=_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="bigla_backward_dkv",
-    )(*args, qdq_f, qdq_b, *score_args, *d_set, *cross_args)
+    )(*args, qdq_f, qdq_b, *score_args, *carries)
     return dq, dk, dv, dgf.astype(gf.dtype), dgb.astype(gb.dtype)
 
 
