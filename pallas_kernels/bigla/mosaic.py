@@ -48,7 +48,8 @@ Speed (H100, jax 0.11.2, (B, H, N, Dk, Dv) = (128, 3, 196, 32, 64) bf16, CUPTI; 
 ``benchmarks/results/bigla_mosaic_h100.json``): forward
 0.158 ms (Triton 0.134), forward + backward **0.599 ms (Triton 0.732 in the same run)**. The
 Triton kernels tuned afterwards (split backward, commit 2783671) take 0.110 / 0.473 ms
-(``benchmarks/results/tune_bigla_h100.json``), so Triton is faster and stays the default.
+(``benchmarks/results/tune_bigla_h100.json``; today's defaults of c86bea0 about 0.109 /
+0.453 ms), so Triton is faster and stays the default.
 fp32 inputs (three-part operands, commit ad27922, same shape): forward 0.459 ms, forward +
 backward 1.876 ms (Triton 0.207 / 1.070 in the same run), kernels 0.37-0.44 ms each instead of
 0.105 (six wgmmas per product, one program per SM instead of two); bf16 in that run unchanged,
