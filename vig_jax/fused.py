@@ -117,13 +117,20 @@ def _swiglu_fwd(h):
 
 
 def _swiglu_bwd(h, dz):
+    """``dh = [dz * b * silu'(a) | dz * silu(a)]`` written without a concatenation.
+
+    Each half is computed from its partner half (the halves reversed along a new axis), so the
+    whole gradient is one elementwise expression over ``h``: XLA on GPU emitted the
+    concatenation as a kernel of its own (0.07 ms per block at ViG-T, 224 px, batch 128).
+    """
     h = _no_cse(h)
     ct = _compute_dtype(h.dtype)
-    a, b = jnp.split(h.astype(ct), 2, axis=-1)
-    dzf = dz.astype(ct)
-    da = dzf * b * _silu_grad(a)
-    db = dzf * jax.nn.silu(a)
-    return (jnp.concatenate([da, db], axis=-1).astype(h.dtype),)
+    halves = h.astype(ct).reshape(*h.shape[:-1], 2, h.shape[-1] // 2)  # [..., 2, F]: a, b
+    partner = jnp.flip(halves, axis=-2)  # [..., 2, F]: b, a
+    dzf = dz.astype(ct)[..., None, :]
+    is_gate = (jnp.arange(2) == 0)[:, None]
+    dh = jnp.where(is_gate, dzf * partner * _silu_grad(halves), dzf * jax.nn.silu(partner))
+    return (dh.reshape(h.shape).astype(h.dtype),)
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
