@@ -6,9 +6,11 @@ Everything here is channel-last (NHWC / ``[..., C]``) and follows the official P
 
 * :class:`PatchEmbed`: ``V2PatchEmbed`` (ViG) and ``_make_patch_embed_v2`` (ViG-H):
   conv -> LayerNorm -> SiLU/GELU -> conv -> LayerNorm;
-* :func:`rms_norm` (FLA's RMSNorm: weight only, eps 1e-6) and :func:`layer_norm`
-  (``nn.LayerNorm`` / ``LayerNorm2d`` over channels, eps 1e-5);
-* :class:`SwiGLU` (ViG's ``GLAMLP``) and :class:`GatedMlp` (ViG-H's ``gMlp``);
+* :func:`rms_norm` (FLA's RMSNorm: weight only, eps 1e-6; an :class:`RMSNorm` whose gradient is
+  :func:`vig_jax.fused.rms_norm`'s) and :func:`layer_norm` (``nn.LayerNorm`` /
+  ``LayerNorm2d`` over channels, eps 1e-5);
+* :class:`SwiGLU` (ViG's ``GLAMLP``) and :class:`GatedMlp` (ViG-H's ``gMlp``), both with the
+  down projection's input recomputed in the backward pass;
 * :class:`DropPath`: per-sample stochastic depth (timm's ``DropPath``) on an ``nnx.Rngs``
   stream named ``"dropout"``;
 * PyTorch-equivalent initialisers (``xavier_uniform_``, default ``Conv2d`` init, timm's
