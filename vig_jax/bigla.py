@@ -20,7 +20,6 @@ expression with a hand-written gradient, :func:`vig_jax.fused.gated_norm_output`
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import jax
@@ -47,26 +46,14 @@ def _conv_act(conv: nnx.Conv, u: jax.Array, act: bool) -> jax.Array:
     return jax.nn.silu(c) if act else c
 
 
-@functools.partial(jax.checkpoint, static_argnums=(4,))
-def _log_gates(
-    c: jax.Array, w_low: jax.Array, w_up: jax.Array, b_up: jax.Array, dtype: Dtype
-) -> jax.Array:
-    """``logsigmoid(gk_proj[1](gk_proj[0](c))) / 16`` in ``dtype`` (at least fp32).
+def _log_gates(gk_proj: nnx.List, c: jax.Array) -> jax.Array:
+    """``logsigmoid(gk_proj[1](gk_proj[0](c))) / 16`` [B, N, d] in the gate dtype (>= fp32).
 
-    Rematerialised: the backward pass recomputes the two small products (d -> 16 -> d) from
-    ``c`` instead of keeping the fp32 copy of ``c`` and the fp32 gate logits ([B, N, d] each).
-
-    Args:
-      c: [B, N, d].
-      w_low: [d, 16]; w_up: [16, d]; b_up: [d].
-      dtype: the gate path's compute dtype.
-
-    Returns:
-      [B, N, d] log gates (first half forward direction, second half backward).
+    Called rematerialised: the backward pass recomputes the two small products (d -> 16 -> d)
+    from ``c`` instead of keeping the fp32 copy of ``c`` and the fp32 gate logits. The first
+    half of the last axis is the forward direction's gates, the second half the backward's.
     """
-    low = c.astype(dtype) @ w_low.astype(dtype)
-    logits = low @ w_up.astype(dtype) + b_up.astype(dtype)
-    return jax.nn.log_sigmoid(logits) / GATE_NORMALIZER
+    return jax.nn.log_sigmoid(gk_proj[1](gk_proj[0](c))) / GATE_NORMALIZER
 
 
 class BiGLA(nnx.Module):
@@ -166,13 +153,7 @@ class BiGLA(nnx.Module):
         c = nnx.remat(_conv_act, static_argnums=(2,))(self.in_proj, u, self.conv_act)
         c = c.reshape(b, n, d)
         q, k, v = jnp.split(self.qkv_proj(c), [self.key_dim, 2 * self.key_dim], axis=-1)
-        log_gates = _log_gates(
-            c,
-            self.gk_proj[0].kernel[...],
-            self.gk_proj[1].kernel[...],
-            self.gk_proj[1].bias[...],
-            self.gk_proj[0].dtype,
-        )
+        log_gates = nnx.remat(_log_gates)(self.gk_proj, c)
         gf, gb = jnp.split(log_gates, 2, axis=-1)
 
         def per_head(x):  # [B, N, H*D] -> [B, N, H, D]

@@ -176,9 +176,14 @@ def _gated_parts(o, c, gate_logits, weight_o, weight_c, eps):
     return s, no, nc, wo, wc, rstd_o, rstd_c
 
 
+def _gated_mix(s, no, nc, wo, wc):
+    """``s * no * wo + (1 - s) * nc * wc``: the gated output before the optional SiLU."""
+    return s * no * wo + (1 - s) * nc * wc
+
+
 def _gated_fwd(o, c, gate_logits, weight_o, weight_c, eps, out_act):
     s, no, nc, wo, wc, _, _ = _gated_parts(o, c, gate_logits, weight_o, weight_c, eps)
-    y = s * no * wo + (1 - s) * nc * wc
+    y = _gated_mix(s, no, nc, wo, wc)
     if out_act:
         y = jax.nn.silu(y)
     out_dtype = jnp.result_type(o.dtype, c.dtype, gate_logits.dtype)
@@ -190,7 +195,7 @@ def _gated_bwd(eps, out_act, res, dz):
     s, no, nc, wo, wc, rstd_o, rstd_c = _gated_parts(o, c, gate_logits, weight_o, weight_c, eps)
     dy = dz.astype(s.dtype)
     if out_act:
-        dy = dy * _silu_grad(s * no * wo + (1 - s) * nc * wc)
+        dy = dy * _silu_grad(_gated_mix(s, no, nc, wo, wc))
     a, b = dy * s, dy * (1 - s)
     do = _rms_grad(a * wo, no, rstd_o)
     dc = _rms_grad(b * wc, nc, rstd_c)

@@ -243,23 +243,19 @@ def vig_h_mlp_hidden(dim: int) -> int:
     return 32 * math.ceil(int(dim * 4 * 2 / 3) / 32)
 
 
-@jax.checkpoint
-def _swiglu_down(h: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``swiglu(h) @ kernel``, rematerialised: only ``h`` is kept for the backward pass.
+def _swiglu_down(h: jax.Array, w_out: nnx.Linear) -> jax.Array:
+    """``w_out(swiglu(h))``; called rematerialised, so that only ``h`` is kept for the backward.
 
     The down projection's weight gradient needs ``swiglu(h)`` [..., F]; recomputing it from ``h``
     (one elementwise pass) saves keeping it from the forward pass (a third of the MLP's
     activations).
     """
-    return fused.swiglu(h) @ kernel
+    return w_out(fused.swiglu(h))
 
 
 def _swiglu(x: jax.Array, w_in: nnx.Linear, w_out: nnx.Linear) -> jax.Array:
     """``w_out(silu(gate) * value)`` with ``gate, value = w_in(x).chunk(2)`` (gate first)."""
-    h = w_in(x)
-    kernel = w_out.kernel[...]
-    dtype = w_out.dtype if w_out.dtype is not None else jnp.result_type(h, kernel)
-    return _swiglu_down(h.astype(dtype), kernel.astype(dtype))
+    return nnx.remat(_swiglu_down)(w_in(x), w_out)
 
 
 class SwiGLU(nnx.Module):
