@@ -170,3 +170,17 @@ def test_long_sequence_matches_xla_form(gates):
     for name, got, ref in zip(GRAD_NAMES, grads, want_grads, strict=True):
         assert np.isfinite(np.asarray(got)).all(), name
         assert relative_error(got, ref) < 1e-5, name
+
+
+def test_fp32_chunks_are_capped_on_the_gpu():
+    """64-token fp32 chunks overflow an SM's shared memory (H200: 294,912 of 232,448 B asked),
+    so the GPU kernels take at most FP32_MAX_CHUNK tokens per chunk; bf16 and interpret mode
+    keep the configured chunk."""
+    q = jnp.zeros((1, 300, 1, 32), jnp.float32)
+    v = jnp.zeros((1, 300, 1, 64), jnp.float32)
+    config = triton.Config(chunk=64)
+    assert triton._dims(q, v, None, config, interpret=False).bt == triton.FP32_MAX_CHUNK == 32
+    assert triton._dims(q, v, None, config.backward(), interpret=False).bt == 32
+    assert triton._dims(q, v, None, config, interpret=True).bt == 64
+    low = triton._dims(q.astype(jnp.bfloat16), v.astype(jnp.bfloat16), None, config, False)
+    assert low.bt == 64

@@ -73,6 +73,9 @@ def _dtype(name: str):
 def model_builder(config: ml_collections.ConfigDict, num_classes: int) -> Callable[[], nnx.Module]:
     """A zero-argument function creating the configured model (for eval_shape and init)."""
     mc = config.model
+    extra = {}
+    if mc.get("conv_implementation"):
+        extra["conv_implementation"] = mc.conv_implementation
 
     def build() -> nnx.Module:
         return create_model(
@@ -85,6 +88,7 @@ def model_builder(config: ml_collections.ConfigDict, num_classes: int) -> Callab
             drop_path_rate=mc.drop_path_rate,
             patch_size=mc.patch_size or None,
             rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
+            **extra,
         )
 
     return build

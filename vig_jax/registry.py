@@ -67,6 +67,7 @@ def _variant_factory(name: str, model_cls: Callable[..., nnx.Module], config: An
         drop_path_rate: float | None = None,
         patch_size: int | None = None,
         rngs: nnx.Rngs,
+        **model_kwargs: Any,
     ) -> nnx.Module:
         return model_cls(
             config,
@@ -78,6 +79,7 @@ def _variant_factory(name: str, model_cls: Callable[..., nnx.Module], config: An
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
+            **model_kwargs,
         )
 
     factory.__name__ = name
@@ -117,7 +119,9 @@ def create_model(
       patch_size: stem patch size; None = official (16 for ViG, 4 for ViG-H).
       rngs: ``nnx.Rngs`` for the parameters and the ``"dropout"`` stream; default
         ``nnx.Rngs(0)``.
-      **kwargs: passed on to the factory.
+      **kwargs: passed on to the factory and from there to the model class, e.g.
+        ``conv_implementation`` of ViG and ViG-H (``"shifted"``, the default, or ``"cudnn"``:
+        :mod:`vig_jax.dwconv`).
 
     Returns:
       The model, in NNX's default (training) mode; call ``model.eval()`` for inference.

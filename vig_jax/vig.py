@@ -83,6 +83,7 @@ class ViGBlock(nnx.Module):
         out_act: bool,
         drop_path: float,
         implementation: str | None,
+        conv_implementation: str = "shifted",
         dtype: Dtype | None,
         param_dtype: Dtype,
         rngs: nnx.Rngs,
@@ -96,6 +97,7 @@ class ViGBlock(nnx.Module):
             out_act=out_act,
             linear_init="xavier",
             implementation=implementation,
+            conv_implementation=conv_implementation,
             **kw,
         )
         self.mlp_norm = rms_norm(dim, **kw)
@@ -126,6 +128,7 @@ class ViG(nnx.Module):
         patch_size: int | None = None,
         drop_path_rate: float | None = None,
         implementation: str | None = None,
+        conv_implementation: str = "shifted",
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -159,6 +162,7 @@ class ViG(nnx.Module):
                     out_act=config.out_act,
                     drop_path=r,
                     implementation=implementation,
+                    conv_implementation=conv_implementation,
                     **kw,
                 )
                 for r in drop_path_rates(rate, config.depth)

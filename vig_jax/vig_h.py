@@ -83,6 +83,7 @@ class ViGHBlock(nnx.Module):
         *,
         drop_path: float,
         implementation: str | None,
+        conv_implementation: str = "shifted",
         dtype: Dtype | None,
         param_dtype: Dtype,
         rngs: nnx.Rngs,
@@ -96,6 +97,7 @@ class ViGHBlock(nnx.Module):
             out_act=False,
             linear_init="trunc_normal",
             implementation=implementation,
+            conv_implementation=conv_implementation,
             **kw,
         )
         self.norm2 = layer_norm(dim, **kw)
@@ -132,6 +134,7 @@ class ViGHStage(nnx.Module):
         out_dim: int | None,
         *,
         implementation: str | None,
+        conv_implementation: str = "shifted",
         dtype: Dtype | None,
         param_dtype: Dtype,
         rngs: nnx.Rngs,
@@ -139,7 +142,14 @@ class ViGHStage(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.blocks = nnx.List(
             [
-                ViGHBlock(dim, num_heads, drop_path=r, implementation=implementation, **kw)
+                ViGHBlock(
+                    dim,
+                    num_heads,
+                    drop_path=r,
+                    implementation=implementation,
+                    conv_implementation=conv_implementation,
+                    **kw,
+                )
                 for r in drop_paths
             ]
         )
@@ -182,6 +192,7 @@ class ViGH(nnx.Module):
         patch_size: int | None = None,
         drop_path_rate: float | None = None,
         implementation: str | None = None,
+        conv_implementation: str = "shifted",
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -216,6 +227,7 @@ class ViGH(nnx.Module):
                     rates[start : start + depth],
                     out_dim,
                     implementation=implementation,
+                    conv_implementation=conv_implementation,
                     **kw,
                 )
             )

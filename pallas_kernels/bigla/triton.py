@@ -52,6 +52,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 SUB = 16  # rows per sub-chunk
+# fp32 inputs on the GPU: 64-token chunks asked for 294,912 B of shared memory (H200, jax 0.11.2:
+# RESOURCE_EXHAUSTED over the 232,448 B an SM has), so fp32 chunks are capped at 32 tokens.
+FP32_MAX_CHUNK = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +62,8 @@ class Config:
     """Static tuning knobs of the kernels.
 
     Attributes:
-      chunk: tokens per chunk (BT), a power of two multiple of 16; shorter sequences use less.
+      chunk: tokens per chunk (BT), a power of two multiple of 16; shorter sequences use less,
+        and fp32 inputs on the GPU at most ``FP32_MAX_CHUNK`` (shared memory).
       num_warps: warps per program of the chunk-parallel kernels.
       num_stages: software-pipelining stages (Triton) of all kernels.
       state_warps: warps per program of the sequential state kernel.
@@ -170,7 +174,10 @@ def _next_pow2(x: int) -> int:
 def _dims(q, v, scale, config: Config, interpret: bool) -> _Dims:
     b, n, h, dk = q.shape
     dv = v.shape[-1]
+    low = jnp.finfo(jnp.result_type(q.dtype, v.dtype)).bits < 32
     bt = min(config.chunk, max(SUB, _next_pow2(n)))
+    if not low and not interpret:
+        bt = min(bt, FP32_MAX_CHUNK)
     nc = -(-n // bt)
     if config.segments is not None:
         ns = min(config.segments, nc)
@@ -179,7 +186,6 @@ def _dims(q, v, scale, config: Config, interpret: bool) -> _Dims:
         ns = max(1, min(want, nc // config.min_chunks_per_segment))
     cps = -(-nc // ns)
     ns = -(-nc // cps)
-    low = jnp.finfo(jnp.result_type(q.dtype, v.dtype)).bits < 32
     if low:
         precision = lax.Precision.DEFAULT
     elif interpret or config.fp32_dots == "ieee":

@@ -1,0 +1,101 @@
+"""The mixer's 3x3 depthwise convolution (stride 1, zero padding 1, no bias) without cuDNN.
+
+ViG's ``in_proj`` is ``Conv2d(d, d, 3, padding=1, groups=d)``. Through ``lax.conv`` XLA hands
+it to cuDNN, which picks an algorithm per compilation; inside ViG's training step that pick
+is not stable: the ViG-T step (224 px, batch 128, bf16) spent about 1.0 ms of its kernel time
+in convolutions in every profile on the H100, but 10.2 of 25.0 ms in one compile on the H200,
+9.4 ms of it in ``cudnn conv2d_grouped_direct_kernel``
+(``benchmarks/results/profile_step_h200.json``). Written as nine shifted multiply-adds the
+convolution is an elementwise XLA fusion whose cost does not depend on an autotuner:
+
+* ``"shifted"`` (default): the forward as nine shifted products (sums in >= fp32), gradients
+  by autodiff (``dx`` the same nine products of ``dy``, ``dw`` nine reductions that XLA fuses);
+* ``"cudnn"``: ``lax.conv_general_dilated`` with ``feature_group_count = C`` (what
+  ``nnx.Conv`` runs).
+
+Measured on one H200 (``python benchmarks/bench_dwconv.py``, bf16, forward + backward, CUPTI;
+``benchmarks/results/dwconv_h200.json``): at [128, 14, 14, 192] (ViG-T, 224 px, batch 128)
+shifted 0.146 ms, cuDNN 0.047 ms alone (three compilations agreed); at [8, 64, 64, 192] (1024
+px, batch 8) 0.176 vs 0.053 ms; at [8, 128, 128, 192] 0.641 vs 0.166 ms. Alone cuDNN is 3-4x
+faster and was stable, but inside the training step its pick is not (9.4 ms above); "shifted"
+costs about 1.2 ms per ViG-T step at 224 px / 128 against a good pick. A hand-written backward
+with a two-stage weight reduction measured slower than autodiff's (0.86 ms at 1024 px) and was
+dropped (its rows are the ``staged`` ones in that JSON).
+
+``benchmarks/bench_dwconv.py`` times both. Shapes: ``x`` [B, H, W, C] (NHWC), kernel
+[3, 3, 1, C] (HWIO, as ``nnx.Conv`` stores a depthwise kernel); the output is [B, H, W, C] in
+``dtype`` (default: x's and the kernel's promoted dtype); products and sums are fp32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLEMENTATIONS = ("shifted", "cudnn")
+TAPS = tuple((a, b) for a in range(3) for b in range(3))
+
+
+def _check(x: jax.Array, kernel: jax.Array) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"x has shape {x.shape}; expected [B, H, W, C]")
+    c = x.shape[-1]
+    if kernel.shape != (3, 3, 1, c):
+        raise ValueError(f"kernel has shape {kernel.shape}; expected (3, 3, 1, {c}) for C={c}")
+
+
+def _shifted_sum(xp: jax.Array, taps: jax.Array, h: int, w: int) -> jax.Array:
+    """``sum_{a,b} xp[:, a:a+h, b:b+w] * taps[a, b]`` in >= fp32.
+
+    xp [B, h+2, w+2, C] (zero-padded input), taps [3, 3, C] -> [B, h, w, C]."""
+    acc = jnp.promote_types(xp.dtype, jnp.float32)
+    out = None
+    for a, b in TAPS:
+        term = xp[:, a : a + h, b : b + w, :].astype(acc) * taps[a, b].astype(acc)
+        out = term if out is None else out + term
+    return out
+
+
+def _pad(x: jax.Array) -> jax.Array:
+    return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def _forward(x: jax.Array, taps: jax.Array) -> jax.Array:
+    h, w = x.shape[1:3]
+    return _shifted_sum(_pad(x), taps, h, w).astype(x.dtype)
+
+
+def depthwise_conv3x3(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    implementation: str = "shifted",
+    dtype: jnp.dtype | None = None,
+) -> jax.Array:
+    """3x3 depthwise convolution, stride 1, zero padding 1, no bias.
+
+    Args:
+      x: [B, H, W, C].
+      kernel: [3, 3, 1, C] (HWIO depthwise layout).
+      implementation: one of ``IMPLEMENTATIONS``.
+      dtype: computation dtype of the operands and the output (default: promoted).
+
+    Returns:
+      [B, H, W, C] in ``dtype``.
+    """
+    _check(x, kernel)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
+    dtype = jnp.promote_types(x.dtype, kernel.dtype) if dtype is None else dtype
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if implementation == "cudnn":
+        return lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=(1, 1),
+            padding=((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=x.shape[-1],
+        )
+    return _forward(x, kernel[:, :, 0, :])
