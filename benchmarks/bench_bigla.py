@@ -33,7 +33,8 @@ from pallas_kernels.bigla import api
 DEFAULT_SHAPES = ((128, 3, 196, 32, 64), (8, 3, 4096, 32, 64), (128, 12, 196, 32, 64))
 DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 # FLA official path (ViG's direction-stacked fused_chunk_gla) on an H100, vig-reference.md s13:
-# (forward ms, forward + backward ms).
+# (forward ms, forward + backward ms). On another GPU, time the official kernel there with
+# benchmarks/bench_official.py and pass its JSON as --official.
 FLA_OFFICIAL_MS = {
     ((128, 3, 196, 32, 64), "fp32"): (0.632, 2.245),
     ((128, 3, 196, 32, 64), "bf16"): (0.427, 1.982),
@@ -181,20 +182,37 @@ def bench_one(impl, shape, dtype_name, iters, measure, bandwidth, config=None):
     return rows
 
 
-def print_table(rows, device, bandwidth):
+def official_ms(path: str | None) -> tuple[str, dict]:
+    """(column title, {(shape, dtype): (fwd ms, fwd+bwd ms)}) of the official FLA kernel:
+    measured on this GPU by bench_official.py (its JSON at ``path``), else the H100 figures."""
+    if path is None:
+        return "FLA H100", FLA_OFFICIAL_MS
+    with open(path) as f:
+        rows = [r for r in json.load(f)["rows"] if r["impl"] == "fla_official_kernel"]
+    table = {}
+    for r in rows:
+        key = (tuple(r["shape"]), r["dtype"])
+        fwd, both = table.get(key, (None, None))
+        table[key] = (r["ms"], both) if r["mode"] == "fwd" else (fwd, r["ms"])
+    return "FLA ms", table
+
+
+def print_table(rows, device, bandwidth, official=("FLA H100", FLA_OFFICIAL_MS)):
+    title, fla_table = official
     print(f"\nBiGLA on {device}; copy bandwidth {bandwidth:.0f} GB/s (read + write)")
     head = (
         f"{'shape (B,H,N,Dk,Dv)':24} {'dtype':5} {'mode':8} {'impl':30} {'ms':>8} "
-        f"{'wall ms':>8} {'GB/s':>7} {'x floor':>8} {'FLA ms':>7}"
+        f"{'wall ms':>8} {'GB/s':>7} {'x floor':>8} {title:>8}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
-        fla = FLA_OFFICIAL_MS.get((tuple(r["shape"]), r["dtype"]))
-        fla_ms = "" if fla is None else f"{fla[r['mode'] == 'fwd+bwd']:.3f}"
+        fla = fla_table.get((tuple(r["shape"]), r["dtype"]))
+        fla = None if fla is None else fla[r["mode"] == "fwd+bwd"]
+        fla_ms = "" if fla is None else f"{fla:.3f}"
         print(
             f"{str(tuple(r['shape'])):24} {r['dtype']:5} {r['mode']:8} {r['impl']:30} "
-            f"{r['ms']:8.3f} {r['wall_ms']:8.3f} {r['gbs']:7.0f} {r['x_floor']:8.1f} {fla_ms:>7}"
+            f"{r['ms']:8.3f} {r['wall_ms']:8.3f} {r['gbs']:7.0f} {r['x_floor']:8.1f} {fla_ms:>8}"
         )
 
 
@@ -226,6 +244,11 @@ def main(argv=None):
         default=[],
         help='extra Triton Config variants to time, e.g. "num_warps=8" "chunk=32,num_stages=2"',
     )
+    parser.add_argument(
+        "--official",
+        default=None,
+        help="bench_official.py JSON from this GPU for the FLA column (default: H100 figures)",
+    )
     args = parser.parse_args(argv)
 
     shapes = (
@@ -256,7 +279,7 @@ def main(argv=None):
                     )
                 if args.out:  # partial results survive a timeout
                     write_json(args.out, rows, device, bandwidth)
-    print_table(rows, device, bandwidth)
+    print_table(rows, device, bandwidth, official_ms(args.official))
     if args.out:
         write_json(args.out, rows, device, bandwidth)
         print(f"wrote {args.out}")

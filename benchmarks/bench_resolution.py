@@ -39,13 +39,11 @@ seconds per unit of a full chunk, timing seconds per ViG / DeiT unit; guessed fr
 then measured) says it can compile and time before the deadline; the rest is left for
 ``--resume``.
 
-Timing a ViG unit takes ~12-17 s on the H100 against ~1-3 s for DeiT although its timed steps
-take ~1 s: the excess is in the warm-up, i.e. the first call of each executable, since nothing
-is recompiled (the executables are AOT-compiled objects) and nothing is autotuned then (the
-Pallas kernels have fixed configurations; XLA autotunes at compile time). The cause inside the
-first call is not established (thunk set-up per executable?); each row now records
-``infer_first_call_s`` and ``train_first_call_s`` to show it, and the deadline estimate counts
-it.
+Timing a ViG unit took ~12-17 s on the H100 against ~1-3 s for DeiT although its timed steps
+take ~1 s: the excess was in the first call of each executable. With the depthwise conv as
+shifted products (``vig_jax/dwconv.py``) the first calls take 0.0-0.2 s on the H200 (rows'
+``infer_first_call_s`` / ``train_first_call_s``): a hint, not established, that the time
+went into cuDNN's set-up of the depthwise conv (the GPU changed too).
 
 Order: the issue's bars (ViG-T and DeiT-T in bf16 at 224/b128, 1024/b8, 2048/b8), then bf16 at
 all resolutions (ViG-T/DeiT-T, then ViG-S/DeiT-S), then fp32. Each configuration uses the
@@ -54,24 +52,26 @@ are written to ``--out`` as they arrive; ``--max-seconds`` bounds the sweep; ``-
 units already measured. Prints a table and draws three panels (throughput, memory, FLOPs
 against resolution) with the official code's numbers (vig-reference.md section 13) marked.
 
-    # H100, NEXT SESSION: continue the committed sweep (the six bars are kept, the rows
-    # skipped at the deadline are retried); one `run` call with timeout_s=590:
-    cp benchmarks/results/resolution_h100.json $OUT/ && PYTHONUNBUFFERED=1 python3 -m \
-        benchmarks.bench_resolution --resume --max-seconds 550 --out $OUT/resolution_h100.json
-    # then copy $OUT/resolution_h100.json (and .png) back to benchmarks/results/.
-    # Expected: the 12 bf16 ViG-T/DeiT-T units at 384-2048 px, in two chunks of 6 (each ~165 s
-    # compiling, ~55 s timing: ~15 s per ViG unit, ~3 s per DeiT unit), ~450 s with the start;
-    # ViG-S at 224 px too if compiling goes faster; ViG-S/DeiT-S and fp32 in later calls.
-    # H100, from scratch (writes JSON, PNG and the child's stderr under $OUT):
-    PYTHONUNBUFFERED=1 python3 -m benchmarks.bench_resolution --max-seconds 550 \
-        --out $OUT/resolution_h100.json
+    # H200, NEXT SESSION: continue the committed sweep (the bf16 ViG-T / DeiT-T rows are kept,
+    # the rows skipped at the deadline are retried); one `run` call with timeout_s=600:
+    cp benchmarks/results/resolution_h200.json $OUT/ && PYTHONUNBUFFERED=1 python3 -m \
+        benchmarks.bench_resolution --resume --no-flops --max-seconds 535 \
+        --out $OUT/resolution_h200.json
+    # then copy $OUT/resolution_h200.json back to benchmarks/results/ and redraw here (which
+    # also counts the FLOPs of new rows on the CPU): --plot-only --out <that file>.
+    # Measured on the H200 (b839a53): chunks of 6 units, ~125 s compiling (ViG train steps
+    # 64-87 s each, 12 threads), ~10 s timing; 18 units (bf16 ViG-T / DeiT-T, 224-2048 px)
+    # in 504 s with the start. Left: ViG-S / DeiT-S bf16 (chunks 3-5) and fp32 (chunks 5-9).
+    # H200, from scratch (writes JSON, PNG and the child's stderr under $OUT):
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.bench_resolution --max-seconds 535 --no-flops \
+        --out $OUT/resolution_h200.json
     # FLOPs only (CPU, any machine), and the plan:
     python -m benchmarks.bench_resolution --flops-only --out /tmp/flops.json
     python -m benchmarks.bench_resolution --list
     # CPU smoke run (tiny resolution and batch), and redrawing table and figure from JSON
     # (counting on the CPU any FLOPs the rows lack):
     python -m benchmarks.bench_resolution --smoke --out /tmp/res.json
-    python -m benchmarks.bench_resolution --plot-only --out benchmarks/results/resolution_h100.json
+    python -m benchmarks.bench_resolution --plot-only --out benchmarks/results/resolution_h200.json
 """
 
 from __future__ import annotations
@@ -348,7 +348,8 @@ def count_flops(model: str, img: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    m = _Model(model, img, "float32", bigla_impl="xla", attention_impl="xla")
+    # The depthwise conv as a convolution, so that the dots + convs count sees its multiply-adds.
+    m = _Model(model, img, "float32", bigla_impl="xla", attention_impl="xla", conv_impl="cudnn")
     _, graphdef_eval, params, rest = m.graphdefs()
     images = jax.ShapeDtypeStruct((1, img, img, 3), jnp.float32)
     traced = jax.jit(m.forward_fn(graphdef_eval)).trace(params, rest, images)
@@ -385,6 +386,7 @@ class _Model:
         dtype: str,
         bigla_impl: str | None = None,
         attention_impl: str | None = None,
+        conv_impl: str | None = None,
     ):
         import jax.numpy as jnp
         import optax
@@ -402,6 +404,7 @@ class _Model:
             self.impl = bigla_impl or bigla_api.default_implementation()
         else:
             self.impl = attention_impl or deit.default_attention_implementation(self.compute_dtype)
+        self.conv_impl = conv_impl if model.startswith("vig") else None  # None: the default
         self.create_model = create_model
         self.tx = optax.adamw(1e-3, weight_decay=0.05)
 
@@ -415,6 +418,7 @@ class _Model:
             param_dtype=self.jnp.float32,
             implementation=self.impl,
             rngs=self.nnx.Rngs(0),
+            **({"conv_implementation": self.conv_impl} if self.conv_impl else {}),
         )
 
     def graphdefs(self):
