@@ -495,6 +495,7 @@ class ChildConfig:
     fit_fraction: float = 0.9
     bigla_impl: str | None = None
     attention_impl: str | None = None
+    conv_impl: str | None = None
     warmup: int = 2
     max_steps: int = 20
     min_steps: int = 3
@@ -581,7 +582,14 @@ class _Child:
         state/data preparation of ``unit``; initialises the model's parameters once."""
         jax, jnp = self.jax, self.jax.numpy
         t0 = time.perf_counter()
-        m = _Model(unit.model, unit.img, unit.dtype, self.cfg.bigla_impl, self.cfg.attention_impl)
+        m = _Model(
+            unit.model,
+            unit.img,
+            unit.dtype,
+            self.cfg.bigla_impl,
+            self.cfg.attention_impl,
+            self.cfg.conv_impl,
+        )
         graphdef_train, graphdef_eval, params, rest = m.graphdefs()
         opt = jax.eval_shape(m.tx.init, params)
         state = (params, opt, rest)
@@ -674,6 +682,10 @@ class _Child:
         """Measures inference then training of a prepared unit; returns its result row."""
         jax = self.jax
         row: dict[str, Any] = {"batch": p.batch, "implementation": p.model.impl, **p.info}
+        if p.model.model.startswith("vig"):
+            from vig_jax.dwconv import DEFAULT_IMPLEMENTATION
+
+            row["conv_implementation"] = p.model.conv_impl or DEFAULT_IMPLEMENTATION
         t0 = time.perf_counter()
         peak0 = self.peak()
         params, rest = self.device_state(p)
@@ -872,7 +884,7 @@ def child_main(cfg: ChildConfig) -> None:
         t0 = time.perf_counter()
         for m in dict.fromkeys(u.model for _, u in units):  # the parameters, first
             u = next(u for _, u in units if u.model == m)
-            model = _Model(m, u.img, u.dtype, cfg.bigla_impl, cfg.attention_impl)
+            model = _Model(m, u.img, u.dtype, cfg.bigla_impl, cfg.attention_impl, cfg.conv_impl)
             pool.submit(child.host_init, model)
         futures = {pool.submit(child.prepare, i, u): (i, u) for i, u in compile_order(units)}
         ready: list[_Prepared] = []
@@ -1155,6 +1167,7 @@ class Runner:
             fit_fraction=args.fit_fraction,
             bigla_impl=args.bigla_impl,
             attention_impl=args.attention_impl,
+            conv_impl=args.conv_impl,
             warmup=args.warmup,
             max_steps=args.steps,
             min_steps=min(3, args.steps),
@@ -1637,6 +1650,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-bars", action="store_true", help="skip the issue's fixed-batch bars")
     p.add_argument("--bigla-impl", default=None, help="BiGLA implementation (default: fastest)")
     p.add_argument("--attention-impl", default=None, choices=(None, "xla", "cudnn"))
+    p.add_argument(
+        "--conv-impl", default=None, help="ViG depthwise conv: shifted (default) | cudnn"
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=20, help="most timed steps per measurement")
     p.add_argument("--measure-seconds", type=float, default=1.0)

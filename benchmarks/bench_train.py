@@ -35,6 +35,7 @@ def bench_config(
     implementation: str | None,
     patch_size: int | None,
     param_sharding: str,
+    conv_implementation: str | None = None,
 ):
     """The model's official recipe at the benchmark's size on fake data.
 
@@ -50,6 +51,8 @@ def bench_config(
     config.data.num_classes = 1000
     config.model.dtype = dtype
     config.model.implementation = implementation
+    if conv_implementation and model.startswith("vig"):  # ViG / ViG-H only
+        config.model.conv_implementation = conv_implementation
     config.model.patch_size = patch_size
     config.param_sharding = param_sharding
     config.total_steps = 10_000
@@ -97,6 +100,7 @@ def run_one(args, model: str) -> dict:
         args.implementation,
         args.patch_size,
         args.param_sharding,
+        args.conv_implementation,
     )
     mesh = sharding.make_mesh()
     t0 = time.perf_counter()
@@ -121,6 +125,7 @@ def run_one(args, model: str) -> dict:
         "batch": args.batch,
         "dtype": args.dtype,
         "implementation": args.implementation,
+        "conv_implementation": args.conv_implementation if model.startswith("vig") else None,
         "param_sharding": args.param_sharding,
         "bare": args.bare,
         "median_step_ms": 1e3 * median,
@@ -142,6 +147,9 @@ def main() -> None:
     parser.add_argument("--patch-size", type=int, default=None)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--implementation", default=None)
+    parser.add_argument(
+        "--conv-implementation", default=None, help="ViG depthwise conv: shifted | cudnn"
+    )
     parser.add_argument("--param-sharding", default="replicated")
     parser.add_argument(
         "--bare",

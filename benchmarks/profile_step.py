@@ -62,7 +62,15 @@ def _kernels_of_one_call(fn) -> list[tuple[str, float]]:
 
 def profile_model(model: str, args) -> dict:
     config = bench_config(
-        model, not args.full, args.batch, args.img, args.dtype, None, None, "replicated"
+        model,
+        not args.full,
+        args.batch,
+        args.img,
+        args.dtype,
+        None,
+        None,
+        "replicated",
+        args.conv_implementation,
     )
     mesh = sharding.make_mesh()
     comps = trainer.build_components(config, mesh, 1000, config.total_steps, config.warmup_steps)
@@ -94,6 +102,7 @@ def profile_model(model: str, args) -> dict:
         "img": args.img,
         "dtype": args.dtype,
         "bare": not args.full,
+        "conv_implementation": args.conv_implementation if model.startswith("vig") else None,
         "kernel_ms": total,
         "wall_step_ms": wall_ms,
         "img_per_s_wall": args.batch / (wall_ms * 1e-3),
@@ -114,6 +123,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median wall time)")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--conv-implementation", default=None, help="ViG depthwise conv: shifted | cudnn"
+    )
     args = parser.parse_args()
     rows = [profile_model(m, args) for m in args.models.split(",")]
     print(

@@ -28,6 +28,7 @@ from flax import nnx
 
 from pallas_kernels import bigla as bigla_op
 from vig_jax import fused
+from vig_jax.dwconv import DEFAULT_IMPLEMENTATION as DEFAULT_CONV
 from vig_jax.dwconv import IMPLEMENTATIONS as CONV_IMPLEMENTATIONS
 from vig_jax.dwconv import depthwise_conv3x3
 from vig_jax.layers import (
@@ -95,7 +96,7 @@ class BiGLA(nnx.Module):
         out_act: bool,
         linear_init: Literal["xavier", "trunc_normal"] = "xavier",
         implementation: str | None = None,
-        conv_implementation: str = "shifted",
+        conv_implementation: str = DEFAULT_CONV,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 IMPLEMENTATIONS = ("shifted", "cudnn")
+DEFAULT_IMPLEMENTATION = "shifted"
 TAPS = tuple((a, b) for a in range(3) for b in range(3))
 
 
@@ -70,7 +71,7 @@ def depthwise_conv3x3(
     x: jax.Array,
     kernel: jax.Array,
     *,
-    implementation: str = "shifted",
+    implementation: str = DEFAULT_IMPLEMENTATION,
     dtype: jnp.dtype | None = None,
 ) -> jax.Array:
     """3x3 depthwise convolution, stride 1, zero padding 1, no bias.

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vig_jax.bigla import BiGLA
+from vig_jax.dwconv import DEFAULT_IMPLEMENTATION as DEFAULT_CONV
 from vig_jax.layers import (
     DropPath,
     Dtype,
@@ -83,7 +84,7 @@ class ViGBlock(nnx.Module):
         out_act: bool,
         drop_path: float,
         implementation: str | None,
-        conv_implementation: str = "shifted",
+        conv_implementation: str = DEFAULT_CONV,
         dtype: Dtype | None,
         param_dtype: Dtype,
         rngs: nnx.Rngs,
@@ -128,7 +129,7 @@ class ViG(nnx.Module):
         patch_size: int | None = None,
         drop_path_rate: float | None = None,
         implementation: str | None = None,
-        conv_implementation: str = "shifted",
+        conv_implementation: str = DEFAULT_CONV,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,

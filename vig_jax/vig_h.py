@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vig_jax.bigla import BiGLA
+from vig_jax.dwconv import DEFAULT_IMPLEMENTATION as DEFAULT_CONV
 from vig_jax.layers import (
     DropPath,
     Dtype,
@@ -83,7 +84,7 @@ class ViGHBlock(nnx.Module):
         *,
         drop_path: float,
         implementation: str | None,
-        conv_implementation: str = "shifted",
+        conv_implementation: str = DEFAULT_CONV,
         dtype: Dtype | None,
         param_dtype: Dtype,
         rngs: nnx.Rngs,
@@ -134,7 +135,7 @@ class ViGHStage(nnx.Module):
         out_dim: int | None,
         *,
         implementation: str | None,
-        conv_implementation: str = "shifted",
+        conv_implementation: str = DEFAULT_CONV,
         dtype: Dtype | None,
         param_dtype: Dtype,
         rngs: nnx.Rngs,
@@ -192,7 +193,7 @@ class ViGH(nnx.Module):
         patch_size: int | None = None,
         drop_path_rate: float | None = None,
         implementation: str | None = None,
-        conv_implementation: str = "shifted",
+        conv_implementation: str = DEFAULT_CONV,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
