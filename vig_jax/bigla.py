@@ -46,12 +46,9 @@ def _conv_act(conv: nnx.Conv, u: jax.Array, act: bool, implementation: str) -> j
     """``act(conv(u))`` [B, h, w, d]; called rematerialised, so that only ``u`` is kept for the
     backward pass (the conv's output before the SiLU is recomputed there, one depthwise conv).
 
-    ``implementation`` is :func:`vig_jax.dwconv.depthwise_conv3x3`'s; the parameters are
-    ``conv``'s either way (its dtype promotion too)."""
-    if implementation == "cudnn":
-        c = conv(u)
-    else:
-        c = depthwise_conv3x3(u, conv.kernel[...], implementation=implementation, dtype=conv.dtype)
+    ``implementation`` is :func:`vig_jax.dwconv.depthwise_conv3x3`'s ("cudnn" runs the
+    convolution ``conv`` itself would); the parameters and dtype are ``conv``'s either way."""
+    c = depthwise_conv3x3(u, conv.kernel[...], implementation=implementation, dtype=conv.dtype)
     return jax.nn.silu(c) if act else c
 
 

@@ -2,7 +2,7 @@
 
 ViG's ``in_proj`` is ``Conv2d(d, d, 3, padding=1, groups=d)``. Through ``lax.conv`` XLA hands
 it to cuDNN, which picks an algorithm per compilation; inside ViG's training step that pick
-is not stable: the ViG-T step (224 px, batch 128, bf16) spent about 1.0 ms of its kernel time
+is not stable: the ViG-T step (224 px, batch 128, bf16) spent 1.0-1.3 ms of its kernel time
 in convolutions in every profile on the H100, but 10.2 of 25.0 ms in one compile on the H200,
 9.4 ms of it in ``cudnn conv2d_grouped_direct_kernel``
 (``benchmarks/results/profile_step_h200.json``). Written as nine shifted multiply-adds the
