@@ -73,8 +73,9 @@ class BiGLA(nnx.Module):
 
     ``conv_implementation`` picks how the depthwise conv runs (:mod:`vig_jax.dwconv`):
     ``"shifted"`` (default: nine shifted products, an XLA fusion of fixed cost) or ``"cudnn"``
-    (``nnx.Conv``: faster when cuDNN's per-compilation algorithm pick is good; one H200 compile
-    of the ViG-T training step picked a kernel that took 9.4 of its 25 ms). Same parameters.
+    (``lax.conv`` as ``nnx.Conv`` runs it: faster when cuDNN's per-compilation pick is good;
+    one H200 compile of the ViG-T training step picked a kernel that took 9.4 of its 25 ms).
+    Same parameters either way.
 
     Init (``linear_init``):
       * ``"xavier"`` (plain ViG, ``reset_parameters``): xavier_uniform(gain 2^-2.5) with the
