@@ -394,6 +394,7 @@ class _Model:
 
         from pallas_kernels.bigla import api as bigla_api
         from vig_jax import create_model, deit
+        from vig_jax.dwconv import DEFAULT_IMPLEMENTATION as DEFAULT_CONV
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}; expected one of {DTYPES}")
@@ -404,7 +405,8 @@ class _Model:
             self.impl = bigla_impl or bigla_api.default_implementation()
         else:
             self.impl = attention_impl or deit.default_attention_implementation(self.compute_dtype)
-        self.conv_impl = conv_impl if model.startswith("vig") else None  # None: the default
+        # ViG only: the depthwise conv's implementation, the model's default unless given.
+        self.conv_impl = (conv_impl or DEFAULT_CONV) if model.startswith("vig") else None
         self.create_model = create_model
         self.tx = optax.adamw(1e-3, weight_decay=0.05)
 
@@ -682,10 +684,8 @@ class _Child:
         """Measures inference then training of a prepared unit; returns its result row."""
         jax = self.jax
         row: dict[str, Any] = {"batch": p.batch, "implementation": p.model.impl, **p.info}
-        if p.model.model.startswith("vig"):
-            from vig_jax.dwconv import DEFAULT_IMPLEMENTATION
-
-            row["conv_implementation"] = p.model.conv_impl or DEFAULT_IMPLEMENTATION
+        if p.model.conv_impl:
+            row["conv_implementation"] = p.model.conv_impl
         t0 = time.perf_counter()
         peak0 = self.peak()
         params, rest = self.device_state(p)

@@ -125,7 +125,7 @@ def run_one(args, model: str) -> dict:
         "batch": args.batch,
         "dtype": args.dtype,
         "implementation": args.implementation,
-        "conv_implementation": args.conv_implementation if model.startswith("vig") else None,
+        "conv_implementation": config.model.conv_implementation,
         "param_sharding": args.param_sharding,
         "bare": args.bare,
         "median_step_ms": 1e3 * median,

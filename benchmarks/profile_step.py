@@ -102,7 +102,7 @@ def profile_model(model: str, args) -> dict:
         "img": args.img,
         "dtype": args.dtype,
         "bare": not args.full,
-        "conv_implementation": args.conv_implementation if model.startswith("vig") else None,
+        "conv_implementation": config.model.conv_implementation,
         "kernel_ms": total,
         "wall_step_ms": wall_ms,
         "img_per_s_wall": args.batch / (wall_ms * 1e-3),
