@@ -121,11 +121,14 @@ def _bytes(shape, dtype, backward: bool) -> int:
 
 
 def parse_config(text: str) -> dict:
-    """``"num_warps=8,chunk=32"`` -> {"num_warps": 8, "chunk": 32}; "" -> {} (Config fields)."""
+    """``"num_warps=8,completion=xla"`` -> {"num_warps": 8, "completion": "xla"}; "" -> {}.
+
+    Values are Config fields: integers, None, or strings (anything that is not an integer).
+    """
     out = {}
     for item in filter(None, (x.strip() for x in text.split(","))):
-        key, value = item.split("=")
-        out[key.strip()] = None if value.strip() == "None" else int(value)
+        key, value = (x.strip() for x in item.split("="))
+        out[key] = None if value == "None" else int(value) if value.lstrip("-").isdigit() else value
     return out
 
 

@@ -37,6 +37,12 @@ CASES = [  # (B, N, H, Dk, Dv), gates, Config kwargs
     ((1, 300, 1, 32, 64), "steep", {"segments": 3, "state_passes": 1}),  # local carries
     ((1, 300, 2, 32, 64), "random", {"segments": 2}),  # two state passes (the default)
     ((2, 150, 3, 16, 32), "random", {"segments": 4, "state_passes": 1, "save_states": False}),
+    ((3, 197, 1, 16, 32), "steep", {"diag": "split"}),  # in-sub-chunk terms as products
+    ((1, 300, 2, 32, 64), "random", {"diag": "split", "segments": 3}),
+    ((1, 197, 2, 32, 64), "cliff", {"diag": "split"}),  # every chunk past SPLIT_LIMIT: the loop
+    ((2, 200, 1, 32, 64), "mixed", {"diag": "split", "chunk": 32}),  # split and loop chunks
+    ((1, 150, 2, 16, 32), "mixed", {"diag": "split", "chunk": 32, "save_scores": False}),
+    ((1, 197, 1, 64, 128), "flat", {"diag": "split", "chunk": 64, "save_states": False}),
 ]
 
 
@@ -66,6 +72,8 @@ def test_fp32_forward_and_gradients_match_float64_reference(shape, gates, config
         ((1, 300, 3, 32, 64), {"segments": 2}),
         ((2, 100, 1, 32, 64), {"save_scores": True}),
         ((1, 300, 3, 32, 64), {"segments": 3, "state_passes": 1}),
+        ((2, 197, 1, 32, 64), {"diag": "split"}),
+        ((1, 300, 3, 32, 64), {"diag": "split", "chunk": 32, "segments": 2}),
     ],
 )
 def test_bf16_forward_and_gradients_match_float64_reference(shape, config):
@@ -118,6 +126,8 @@ def _cuda_lowering_text(shape, dtype, config):
         (jnp.bfloat16, triton.Config(segments=3, save_states=False), 9),
         (jnp.bfloat16, triton.Config(save_scores=False), 9),
         (jnp.bfloat16, triton.Config(segments=3, state_passes=1), 7),
+        (jnp.bfloat16, triton.Config(diag="split"), 9),
+        (jnp.float32, triton.Config(diag="split", chunk=32, save_scores=False), 9),
     ],
     ids=[
         "fp32",
@@ -126,6 +136,8 @@ def _cuda_lowering_text(shape, dtype, config):
         "bf16-recomputed-states",
         "bf16-no-scores",
         "bf16-one-pass-states",
+        "bf16-split",
+        "fp32-split-no-scores",
     ],
 )
 def test_forward_and_backward_lower_to_triton_for_cuda(dtype, config, calls):
@@ -184,3 +196,15 @@ def test_fp32_chunks_are_capped_on_the_gpu():
     assert triton._dims(q, v, None, config, interpret=True).bt == 64
     low = triton._dims(q.astype(jnp.bfloat16), v.astype(jnp.bfloat16), None, config, False)
     assert low.bt == 64
+
+
+@pytest.mark.parametrize(("gates", "fallback"), [("cliff", True), ("steep", False)])
+def test_split_diag_takes_the_exact_loop_only_past_the_limit(gates, fallback):
+    """diag="split" gives the loop's results bit for bit where every sub-chunk is steeper than
+    SPLIT_LIMIT (the lax.cond fallback), and different roundings where it is not."""
+    arrays = cast_inputs(random_inputs(5, 1, 96, 2, 32, 64, gates=gates), np.float32)
+    split = _run(arrays, triton.Config(diag="split"))
+    loop = _run(arrays, triton.Config(diag="loop"))
+    pairs = zip(jax.tree.leaves(split), jax.tree.leaves(loop), strict=True)
+    same = [np.array_equal(a, b) for a, b in pairs]
+    assert all(same) if fallback else not all(same)

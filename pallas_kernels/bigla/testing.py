@@ -11,7 +11,7 @@ import numpy as np
 
 from pallas_kernels.bigla import reference
 
-GATE_SHIFTS = {"random": 0.0, "steep": -40.0, "flat": 40.0}
+GATE_SHIFTS = {"random": 0.0, "steep": -40.0, "flat": 40.0, "cliff": -100.0, "mixed": None}
 
 
 def random_inputs(
@@ -29,7 +29,10 @@ def random_inputs(
       seed: NumPy seed.
       b, n, h, dk, dv: batch, tokens, heads, key and value dims.
       gates: "random" (logsigmoid(3 x) / 16 with x ~ N(0, 1)), "steep" (logits around -40:
-        about -2.5 per step) or "flat" (logits around +40: decays of about exp(-3e-19)).
+        about -2.5 per step), "flat" (logits around +40: decays of about exp(-3e-19)),
+        "cliff" (logits around -100: about -6.25 per step, past the Triton kernels'
+        ``SPLIT_LIMIT`` over 16 tokens) or "mixed" ("cliff" on the first half of the tokens,
+        "random" on the rest).
 
     Returns:
       q, k, gf, gb: [B, N, H, Dk]; v and the output cotangent do: [B, N, H, Dv].
@@ -39,7 +42,10 @@ def random_inputs(
     rng = np.random.default_rng(seed)
     q, k = rng.normal(size=(2, b, n, h, dk))
     v = rng.normal(size=(b, n, h, dv))
-    logits = rng.normal(size=(2, b, n, h, dk)) * 3.0 + GATE_SHIFTS[gates]
+    shift = GATE_SHIFTS[gates]
+    if shift is None:  # "mixed"
+        shift = np.where(np.arange(n) < n // 2, GATE_SHIFTS["cliff"], 0.0)[:, None, None]
+    logits = rng.normal(size=(2, b, n, h, dk)) * 3.0 + shift
     gf, gb = -np.logaddexp(0.0, -logits) / 16.0  # logsigmoid / 16, as ViG
     do = rng.normal(size=(b, n, h, dv))
     return q, k, v, gf, gb, do
