@@ -36,12 +36,15 @@ between, so fp32 keeps the digits that the gate gradients of steep gates need. A
 rows is one sub-chunk: its in-sub-chunk loops read one row per step (no gathers).
 
 With ``Config.diag="split"`` the in-sub-chunk pairs are tensor-core products too: query and
-key rows are rescaled by exp of their gate sums to the sub-chunk's middle row, so that the
+key rows are rescaled by exp of their gate sums from the sub-chunk's start, so that the
 product of the two factors is the pair's decay (each factor within exp(+-SPLIT_LIMIT); a chunk
-with a steeper sub-chunk takes the exact loop through ``lax.cond``). In a static count of the
-SASS (Triton 3.6, sm_90, 8x3x4096 bf16) the split path issues about 40-55 % of the loop
-path's instructions per program; on the H200 the loops were measured at 0.26 of the 0.65 ms of
-fwd+bwd at 8x3x4096 (by removing them). Not yet timed on a GPU, so "loop" stays the default.
+with a steeper sub-chunk takes the exact loop through ``lax.cond``). Static SASS counts
+(``benchmarks/kernel_stats.py``: Triton 3.6, sm_90, 8x3x4096 bf16): the split path alone is
+1280 / 1560 / 2792 instructions per program in forward / dq / dkv against about 4400 / 5300 /
+6700 executed by the loop path (its loop body 16 times); the ``lax.cond`` fallback raises the
+registers of forward / dq from 94 / 128 to 127 / 167. On the H200 the loops were measured at
+0.26 of the 0.65 ms of fwd+bwd at 8x3x4096 (by removing them). Not yet timed on a GPU, so
+"loop" stays the default.
 
 Gate gradients follow FLA's chunk decomposition (no sequence-long cumulative sum): cumulative
 sums of ``q*dq - k*dk`` over the chunk's rows (without each token's own pair, whose two terms
@@ -60,10 +63,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 SUB = 16  # rows per sub-chunk
-MID = SUB // 2  # reference row of the split exponents
-# Config.diag="split" rescales operands by exp of partial gate sums of up to half a sub-chunk
-# (|exponent| <= the sub-chunk's total): up to e^64 ~ 6e27 keeps them and their products with
-# O(1e9) values finite in fp32 and bf16; steeper chunks take the exact loop.
+# Config.diag="split" rescales operands by exp of gate sums within a sub-chunk (|exponent| <=
+# the sub-chunk's total): up to e^64 ~ 6e27 keeps them and their products with O(1e9) values
+# finite in fp32 and bf16; steeper chunks take the exact loop.
 SPLIT_LIMIT = 64.0
 # fp32 inputs on the GPU: 64-token chunks asked for 294,912 B of shared memory (H200, jax 0.11.2:
 # RESOURCE_EXHAUSTED over the 232,448 B an SM has), so fp32 chunks are capped at 32 tokens.
@@ -99,9 +101,9 @@ class Config:
         an elementwise XLA pass completes after the fold; 2: a pass storing only segment
         summaries, the fold, then a pass storing complete carries (no completion pass).
       diag: the in-sub-chunk (diagonal-block) terms: "split" as tensor-core products of
-        operands rescaled around each sub-chunk's middle row (a chunk whose gates sum below
-        ``-SPLIT_LIMIT`` over a sub-chunk falls back to the loop), or "loop": exact
-        elementwise products, one key (or query) row per step.
+        operands rescaled by exp of gate sums from each sub-chunk's start (a chunk whose
+        gates sum below ``-SPLIT_LIMIT`` over a sub-chunk falls back to the loop), or
+        "loop": exact elementwise products, one key (or query) row per step.
     """
 
     chunk: int = 16
@@ -436,21 +438,14 @@ def _pair_masks(dims: _Dims):
     return same & (r > s), same & (r < s), r == s
 
 
-def _split_factors(g: _Gates, dims: _Dims):
+def _split_factors(g: _Gates):
     """Rescaling factors of the in-sub-chunk pairs as products, [BT, Dk] fp32 each.
 
-    For rows r, s of one sub-chunk (m its middle row): ``fq[r] fk[s] = exp(pf_r - pf_s)``,
-    the forward decay for r > s, and ``bq[r] bk[s] = exp(xb_s - xb_r)``, the backward decay
-    for r < s, with each factor exp(pf_r - pf_m) etc. of a partial sum within the sub-chunk.
+    For rows r, s of one sub-chunk: ``fq[r] fk[s] = exp(pf_r - pf_s)``, the forward decay for
+    r > s, and ``bq[r] bk[s] = exp(xb_s - xb_r)``, the backward decay for r < s; each factor
+    is exp of a gate sum from the sub-chunk's start, so within exp(+-|sub-chunk total|).
     """
-    ref_f = _per_row(_pick_row(g.pf, MID, dims), dims)
-    ref_b = _per_row(_pick_row(g.xb, MID, dims), dims)
-    return (
-        jnp.exp(g.pf - ref_f),
-        jnp.exp(ref_f - g.pf),
-        jnp.exp(ref_b - g.xb),
-        jnp.exp(g.xb - ref_b),
-    )
+    return jnp.exp(g.pf), jnp.exp(-g.pf), jnp.exp(-g.xb), jnp.exp(g.xb)
 
 
 def _split_is_safe(g: _Gates):
@@ -646,7 +641,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, *refs, dims: _Dims, sco
         return a, prefix_f, prefix_b + _load_sub_row(gb_ref, c, j, dims)
 
     def split(a):
-        fq, fk, bq, bk = _split_factors(g, dims)
+        fq, fk, bq, bk = _split_factors(g)
         fwd, bwd, eye = _pair_masks(dims)
         a_f = _mm_nt(q32 * fq, k32 * fk, dims)
         a_b = _mm_nt(q32 * bq, k32 * bk, dims)
@@ -706,7 +701,7 @@ def _backward_dq_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims
         return dq_f, dq_b, prefix_f, prefix_b + _load_sub_row(gb_ref, c, j, dims)
 
     def split(dq):
-        fq, fk, bq, bk = _split_factors(g, dims)
+        fq, fk, bq, bk = _split_factors(g)
         fwd, bwd, _ = _pair_masks(dims)
         dq_f = dq[0] + _mm(jnp.where(fwd, da, 0.0), k32 * fk, dims) * fq
         dq_b = dq[1] + _mm(jnp.where(bwd, da, 0.0), k32 * bk, dims) * bq
@@ -804,7 +799,7 @@ def _backward_dkv_kernel(
         return dk_f, dk_b, at, prefix_f, prefix_b + _load_sub_row(gb_ref, c, j, dims)
 
     def split(x):  # dat[s, r] of a forward pair (r > s) lies above the diagonal
-        fq, fk, bq, bk = _split_factors(g, dims)
+        fq, fk, bq, bk = _split_factors(g)
         fwd, bwd, eye = _pair_masks(dims)
         q_f, q_b = q32 * fq, q32 * bq
         dk_f = x[0] + _mm(jnp.where(bwd, dat, 0.0), q_f, dims) * fk
