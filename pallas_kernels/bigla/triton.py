@@ -37,14 +37,15 @@ rows is one sub-chunk: its in-sub-chunk loops read one row per step (no gathers)
 
 With ``Config.diag="split"`` the in-sub-chunk pairs are tensor-core products too: query and
 key rows are rescaled by exp of their gate sums from the sub-chunk's start, so that the
-product of the two factors is the pair's decay (each factor within exp(+-SPLIT_LIMIT); a chunk
-with a steeper sub-chunk takes the exact loop through ``lax.cond``). Static SASS counts
-(``benchmarks/kernel_stats.py``: Triton 3.6, sm_90, 8x3x4096 bf16): the split path alone is
-1280 / 1560 / 2792 instructions per program in forward / dq / dkv against about 4400 / 5300 /
-6700 executed by the loop path (its loop body 16 times); the ``lax.cond`` fallback raises the
-registers of forward / dq from 94 / 128 to 127 / 167. On the H200 the loops were measured at
-0.26 of the 0.65 ms of fwd+bwd at 8x3x4096 (by removing them). Not yet timed on a GPU, so
-"loop" stays the default.
+product of the two factors is the pair's decay (each factor within exp(+-SPLIT_LIMIT)). Each
+program first checks its chunk's gates and runs one of two whole bodies (``pl.when``): the
+split products, or the exact loop where a sub-chunk is steeper. Static SASS counts
+(``benchmarks/kernel_stats.py``: Triton 3.6, sm_90, 8x3x4096 bf16): the split body is about
+1300 / 1600 / 2800 instructions per program in forward / dq / dkv against about 4400 / 5300 /
+6700 executed by the loop (its body 16 times); registers 128 / 128 / 255 as the loop's (a
+``lax.cond`` around the in-sub-chunk part alone, with values live into both branches, took dq
+to 167). On the H200 the loops were measured at 0.26 of the 0.65 ms of fwd+bwd at 8x3x4096
+(by removing them). Not yet timed on a GPU, so "loop" stays the default.
 
 Gate gradients follow FLA's chunk decomposition (no sequence-long cumulative sum): cumulative
 sums of ``q*dq - k*dk`` over the chunk's rows (without each token's own pair, whose two terms
@@ -448,17 +449,39 @@ def _split_factors(g: _Gates):
     return jnp.exp(g.pf), jnp.exp(-g.pf), jnp.exp(-g.xb), jnp.exp(g.xb)
 
 
-def _split_is_safe(g: _Gates):
-    """Whether every sub-chunk's gates sum to at least ``-SPLIT_LIMIT`` (False on NaN)."""
-    steepest = jnp.max(jnp.max(jnp.maximum(-g.tf, -g.tb), axis=1), axis=0)  # one axis a time
-    return steepest <= SPLIT_LIMIT
+def _split_is_safe(gf_ref, gb_ref, c, dims: _Dims):
+    """Whether every sub-chunk of chunk c has gates summing to >= ``-SPLIT_LIMIT`` (not NaN)."""
+    totals = jnp.maximum(
+        -_sub_sums(_load_chunk_rows(gf_ref, c, dims), dims),
+        -_sub_sums(_load_chunk_rows(gb_ref, c, dims), dims),
+    )
+    return jnp.max(jnp.max(totals, axis=1), axis=0) <= SPLIT_LIMIT  # one axis at a time
 
 
-def _in_sub_chunk(g: _Gates, dims: _Dims, split, loop, operand):
-    """``split(operand)`` where safe (Config.diag="split"), else the exact ``loop(operand)``."""
-    if dims.diag == "loop":
-        return loop(operand)
-    return lax.cond(_split_is_safe(g), split, loop, operand)
+def _chunk_kernel(kernel, dims: _Dims):
+    """A chunk kernel ``kernel(q, k, v, gf, gb, ..., c=chunk, split=...)`` as ``Config.diag``
+    asks, for the chunk of ``program_id(2)``.
+
+    "split": each program checks its chunk's gates, then runs the whole kernel with the split
+    products, or with the exact loop where a sub-chunk is too steep: two disjoint bodies
+    (``pl.when``), so that no value is live across both and neither path pays the other's
+    registers (one ``lax.cond`` around the in-sub-chunk part alone raised dq from 128 to 167).
+    """
+
+    def run(*refs):
+        c = pl.program_id(2)  # read outside the branches (interpret mode needs it so)
+        if dims.diag == "loop":
+            return kernel(*refs, c=c, split=False)
+        safe = _split_is_safe(refs[3], refs[4], c, dims)
+        pl.when(safe)(lambda: kernel(*refs, c=c, split=True))
+        pl.when(jnp.logical_not(safe))(lambda: kernel(*refs, c=c, split=False))
+
+    return run
+
+
+def _in_sub_chunk(split: bool, by_products, by_loop, operand):
+    """The in-sub-chunk terms added to ``operand``: split products or the exact loop."""
+    return by_products(operand) if split else by_loop(operand)
 
 
 def _row_loop(body, init, dims: _Dims):
@@ -617,11 +640,12 @@ def _carries_of_chunk(c, carry_refs):
     return [ref[c, :, :].astype(jnp.float32) for ref in carry_refs]
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, *refs, dims: _Dims, scores: bool):
+def _forward_kernel(
+    q_ref, k_ref, v_ref, gf_ref, gb_ref, *refs, dims: _Dims, scores: bool, c, split: bool
+):
     """Output rows of one chunk; with ``scores`` also its [BT, BT] score matrix (query-major)."""
     carry_refs, refs = refs[:2], refs[2:]
     o_ref = refs[0]
-    c = pl.program_id(2)
     q32 = _load_chunk_rows(q_ref, c, dims)
     k32 = _load_chunk_rows(k_ref, c, dims)
     v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
@@ -640,7 +664,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, *refs, dims: _Dims, sco
         a = _place_own_block_column(a, score, j)
         return a, prefix_f, prefix_b + _load_sub_row(gb_ref, c, j, dims)
 
-    def split(a):
+    def by_products(a):
         fq, fk, bq, bk = _split_factors(g)
         fwd, bwd, eye = _pair_masks(dims)
         a_f = _mm_nt(q32 * fq, k32 * fk, dims)
@@ -648,19 +672,21 @@ def _forward_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, *refs, dims: _Dims, sco
         own = 2.0 * jnp.sum(q32 * k32, axis=1, keepdims=True)  # both directions, exact
         return a + jnp.where(fwd, a_f, jnp.where(bwd, a_b, jnp.where(eye, own, 0.0)))
 
-    def loop(a):
+    def by_loop(a):
         zero = _prefix_init(dims)
         return _row_loop(column, (a, zero, zero), dims)[0]
 
     a = _off_diagonal_scores(q32, k32, g, dims)  # zero on the diagonal blocks
-    a = _in_sub_chunk(g, dims, split, loop, a)
+    a = _in_sub_chunk(split, by_products, by_loop, a)
     o += _mm(a, v, dims)
     _store_chunk_rows(o_ref, c, dims, o * (0.5 * dims.scale))
     if scores:
         refs[1][c, :, :] = a.astype(refs[1].dtype)
 
 
-def _backward_dq_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims: _Dims):
+def _backward_dq_kernel(
+    q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims: _Dims, c, split: bool
+):
     """dq of one chunk's rows, and q * dq per direction for the gate gradients.
 
     The first of the two backward chunk kernels (split to keep few [BT, D] values live):
@@ -669,7 +695,6 @@ def _backward_dq_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims
     """
     carry_refs, refs = refs[:2], refs[2:]
     dq_ref, qdq_f_ref, qdq_b_ref = refs
-    c = pl.program_id(2)
     k32 = _load_chunk_rows(k_ref, c, dims)
     v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
     do = _load_chunk_rows(do_ref, c, dims) * (0.5 * dims.scale)
@@ -700,18 +725,18 @@ def _backward_dq_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims
         dq_b += jnp.where(before, w, 0.0)
         return dq_f, dq_b, prefix_f, prefix_b + _load_sub_row(gb_ref, c, j, dims)
 
-    def split(dq):
+    def by_products(dq):
         fq, fk, bq, bk = _split_factors(g)
         fwd, bwd, _ = _pair_masks(dims)
         dq_f = dq[0] + _mm(jnp.where(fwd, da, 0.0), k32 * fk, dims) * fq
         dq_b = dq[1] + _mm(jnp.where(bwd, da, 0.0), k32 * bk, dims) * bq
         return dq_f, dq_b
 
-    def loop(dq):
+    def by_loop(dq):
         zero = _prefix_init(dims)
         return _row_loop(dq_column, (*dq, zero, zero), dims)[:2]
 
-    dq_f, dq_b = _in_sub_chunk(g, dims, split, loop, (dq_f, dq_b))
+    dq_f, dq_b = _in_sub_chunk(split, by_products, by_loop, (dq_f, dq_b))
     _store_chunk_rows(dq_ref, c, dims, dq_f + dq_b + own * k32)
     q32 = _load_chunk_rows(q_ref, c, dims)
     _store_chunk_rows(qdq_f_ref, c, dims, q32 * dq_f)
@@ -730,6 +755,8 @@ def _backward_dkv_kernel(
     *refs,
     dims: _Dims,
     scores: bool,
+    c,
+    split: bool,
 ):
     """dk, dv and both gate gradients of one chunk's rows (second backward chunk kernel).
 
@@ -744,7 +771,6 @@ def _backward_dkv_kernel(
         a_ref, refs = refs[0], refs[1:]
     carry_refs, refs = refs[:4], refs[4:]
     dk_ref, dv_ref, dgf_ref, dgb_ref = refs
-    c = pl.program_id(2)
     q32 = _load_chunk_rows(q_ref, c, dims)
     k32 = _load_chunk_rows(k_ref, c, dims)
     v = _load_chunk_rows(v_ref, c, dims, dims.dot_dtype)
@@ -798,29 +824,31 @@ def _backward_dkv_kernel(
         at = _place_own_block_column(at, score, j)
         return dk_f, dk_b, at, prefix_f, prefix_b + _load_sub_row(gb_ref, c, j, dims)
 
-    def split(x):  # dat[s, r] of a forward pair (r > s) lies above the diagonal
-        fq, fk, bq, bk = _split_factors(g)
+    def by_products(x):  # dat[s, r] of a forward pair (r > s) lies above the diagonal
         fwd, bwd, eye = _pair_masks(dims)
+        if scores:  # one direction at a time (fewer live values)
+            dk_f = _mm(jnp.where(bwd, dat, 0.0), q32 * jnp.exp(g.pf), dims) * jnp.exp(-g.pf)
+            dk_b = _mm(jnp.where(fwd, dat, 0.0), q32 * jnp.exp(-g.xb), dims) * jnp.exp(g.xb)
+            return x[0] + dk_f, x[1] + dk_b
+        fq, fk, bq, bk = _split_factors(g)
         q_f, q_b = q32 * fq, q32 * bq
         dk_f = x[0] + _mm(jnp.where(bwd, dat, 0.0), q_f, dims) * fk
         dk_b = x[1] + _mm(jnp.where(fwd, dat, 0.0), q_b, dims) * bk
-        if scores:
-            return dk_f, dk_b
         at_f = _mm_nt(k32 * fk, q_f, dims)
         at_b = _mm_nt(k32 * bk, q_b, dims)
         own = 2.0 * jnp.sum(q32 * k32, axis=1, keepdims=True)
         at = x[2] + jnp.where(bwd, at_f, jnp.where(fwd, at_b, jnp.where(eye, own, 0.0)))
         return dk_f, dk_b, at
 
-    def loop(x):
+    def by_loop(x):
         zero = _prefix_init(dims)
         return _row_loop(dk_column, (*x, zero, zero), dims)[: len(x)]
 
     if scores:
-        dk_f, dk_b = _in_sub_chunk(g, dims, split, loop, (dk_f, dk_b))
+        dk_f, dk_b = _in_sub_chunk(split, by_products, by_loop, (dk_f, dk_b))
         dv += _mm_tn(a_ref[c, :, :], do, dims)
     else:
-        dk_f, dk_b, at = _in_sub_chunk(g, dims, split, loop, (dk_f, dk_b, at))
+        dk_f, dk_b, at = _in_sub_chunk(split, by_products, by_loop, (dk_f, dk_b, at))
         dv += _mm(at, do, dims)
     _store_chunk_rows(dv_ref, c, dims, dv)
     _store_chunk_rows(dk_ref, c, dims, dk_f + dk_b + dk_rest)
@@ -968,7 +996,7 @@ def _forward(q, k, v, gf, gb, dims: _Dims, config: Config, interpret: bool, scor
         out_shape.append(jax.ShapeDtypeStruct(score_shape, dims.dot_dtype))
         out_specs.append(_per_bh_spec(dims.nc_pad, dims.bt, dims.bt))
     outs = pl.pallas_call(
-        functools.partial(_forward_kernel, dims=dims, scores=scores),
+        _chunk_kernel(functools.partial(_forward_kernel, dims=dims, scores=scores), dims),
         out_shape=out_shape,
         grid=(b, h, dims.nc),
         in_specs=[_seq_spec(dims, x.shape[-1]) for x in args] + _carry_specs(carries, dims),
@@ -999,7 +1027,7 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool,
     seq_specs = [_seq_spec(dims, x.shape[-1]) for x in args]
     f32_like = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)
     dq, qdq_f, qdq_b = pl.pallas_call(
-        functools.partial(_backward_dq_kernel, dims=dims),
+        _chunk_kernel(functools.partial(_backward_dq_kernel, dims=dims), dims),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), f32_like(q), f32_like(q)],
         grid=(b, h, dims.nc),
         in_specs=seq_specs + _carry_specs(carries[:2], dims),
@@ -1010,7 +1038,9 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool,
     )(*args, *carries[:2])
     n_in = len(args) + 2
     dk, dv, dgf, dgb = pl.pallas_call(
-        functools.partial(_backward_dkv_kernel, dims=dims, scores=scores is not None),
+        _chunk_kernel(
+            functools.partial(_backward_dkv_kernel, dims=dims, scores=scores is not None), dims
+        ),
         out_shape=[
             jax.ShapeDtypeStruct(k.shape, k.dtype),
             jax.ShapeDtypeStruct(v.shape, v.dtype),
