@@ -35,11 +35,12 @@ plus whole sub-chunk totals, with the exponents of neighbouring tokens exactly t
 between, so fp32 keeps the digits that the gate gradients of steep gates need. A chunk of 16
 rows is one sub-chunk: its in-sub-chunk loops read one row per step (no gathers).
 
-With ``Config.diag="split"`` the in-sub-chunk pairs are tensor-core products too: query and
-key rows are rescaled by exp of their gate sums from the sub-chunk's start, so that the
-product of the two factors is the pair's decay (each factor within exp(+-SPLIT_LIMIT)). Each
-program first checks its chunk's gates and runs one of two whole bodies (``pl.when``): the
-split products, or the exact loop where a sub-chunk is steeper. Static SASS counts
+With ``Config.diag="split"`` all pairs of a chunk are two tensor-core products (one per
+direction; no sub-chunk boundaries, no loop): query and key rows are rescaled by exp of their
+gate sums from the chunk's start, so that the product of the two factors is the pair's decay
+(each factor within exp(+-SPLIT_LIMIT)). Each program first checks its chunk's gate totals and
+runs one of two whole bodies (``pl.when``): the split products, or the exact sub-chunk path
+above where the chunk is steeper. Static SASS counts
 (``benchmarks/kernel_stats.py``: Triton 3.6, sm_90, 8x3x4096 bf16): the split body is about
 1300 / 1600 / 2800 instructions per program in forward / dq / dkv against about 4400 / 5300 /
 6700 executed by the loop (its body 16 times); registers 128 / 128 / 255 as the loop's (a
@@ -64,9 +65,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 SUB = 16  # rows per sub-chunk
-# Config.diag="split" rescales operands by exp of gate sums within a sub-chunk (|exponent| <=
-# the sub-chunk's total): up to e^64 ~ 6e27 keeps them and their products with O(1e9) values
-# finite in fp32 and bf16; steeper chunks take the exact loop.
+# Config.diag="split" rescales operands by exp of gate sums within a chunk (|exponent| <= the
+# chunk's total): up to e^64 ~ 6e27 keeps them and their products with O(1e9) values finite
+# in fp32 and bf16; steeper chunks take the exact sub-chunk loop.
 SPLIT_LIMIT = 64.0
 # fp32 inputs on the GPU: 64-token chunks asked for 294,912 B of shared memory (H200, jax 0.11.2:
 # RESOURCE_EXHAUSTED over the 232,448 B an SM has), so fp32 chunks are capped at 32 tokens.
@@ -101,10 +102,10 @@ class Config:
       state_passes: with segments, 1: one state pass storing segment-local carries, which
         an elementwise XLA pass completes after the fold; 2: a pass storing only segment
         summaries, the fold, then a pass storing complete carries (no completion pass).
-      diag: the in-sub-chunk (diagonal-block) terms: "split" as tensor-core products of
-        operands rescaled by exp of gate sums from each sub-chunk's start (a chunk whose
-        gates sum below ``-SPLIT_LIMIT`` over a sub-chunk falls back to the loop), or
-        "loop": exact elementwise products, one key (or query) row per step.
+      diag: the intra-chunk terms: "split": all pairs of a chunk as tensor-core products of
+        operands rescaled by exp of gate sums from the chunk's start (a chunk whose gates
+        sum below ``-SPLIT_LIMIT`` takes the "loop" path instead); "loop": products across
+        16-row sub-chunks, exact elementwise products within them, one row per step.
     """
 
     chunk: int = 16
@@ -355,6 +356,10 @@ def _gates(gf, gb, dims: _Dims) -> _Gates:
     sb = _per_row(tb, dims) - pb + gb
     before = lambda t: _sub_range_sums(t, lambda out, m: m < out)
     after = lambda t: _sub_range_sums(t, lambda out, m: m > out)
+
+    def chunk_level(local, sums, totals):  # one sub-chunk: the local exponents are the chunk's
+        return local if s == 1 else local + _per_row(sums(totals), dims)
+
     return _Gates(
         pf=pf,
         xf=xf,
@@ -362,10 +367,10 @@ def _gates(gf, gb, dims: _Dims) -> _Gates:
         sb=sb,
         tf=tf,
         tb=tb,
-        qf=pf + _per_row(before(tf), dims),
-        kf=xf + _per_row(after(tf), dims),
-        qb=sb + _per_row(after(tb), dims),
-        kb=xb + _per_row(before(tb), dims),
+        qf=chunk_level(pf, before, tf),
+        kf=chunk_level(xf, after, tf),
+        qb=chunk_level(sb, after, tb),
+        kb=chunk_level(xb, before, tb),
         total_f=jnp.sum(tf, axis=0),
         total_b=jnp.sum(tb, axis=0),
     )
@@ -435,27 +440,27 @@ def _pair_masks(dims: _Dims):
     """[BT, BT] masks of the in-sub-chunk pairs (row r, column s): r > s, r < s, r == s."""
     shape = (dims.bt, dims.bt)
     r, s = _iota(shape, 0), _iota(shape, 1)
-    same = r // SUB == s // SUB
-    return same & (r > s), same & (r < s), r == s
+    return r > s, r < s, r == s
 
 
 def _split_factors(g: _Gates):
-    """Rescaling factors of the in-sub-chunk pairs as products, [BT, Dk] fp32 each.
+    """Rescaling factors of the pairs of one chunk as products, [BT, Dk] fp32 each.
 
-    For rows r, s of one sub-chunk: ``fq[r] fk[s] = exp(pf_r - pf_s)``, the forward decay for
-    r > s, and ``bq[r] bk[s] = exp(xb_s - xb_r)``, the backward decay for r < s; each factor
-    is exp of a gate sum from the sub-chunk's start, so within exp(+-|sub-chunk total|).
+    For rows r, s of the chunk: ``fq[r] fk[s] = exp(qf_r - qf_s)``, the forward decay for
+    r > s, and ``bq[r] bk[s] = exp(kb_s - kb_r)``, the backward decay for r < s (qf, kb: gate
+    sums from the chunk's start); each factor is within exp(+-|chunk total|). ``fq`` is also
+    the query factor of the forward direction's inter-chunk term.
     """
-    return jnp.exp(g.pf), jnp.exp(-g.pf), jnp.exp(-g.xb), jnp.exp(g.xb)
+    return jnp.exp(g.qf), jnp.exp(-g.qf), jnp.exp(-g.kb), jnp.exp(g.kb)
 
 
 def _split_is_safe(gf_ref, gb_ref, c, dims: _Dims):
-    """Whether every sub-chunk of chunk c has gates summing to >= ``-SPLIT_LIMIT`` (not NaN)."""
+    """Whether chunk c's gates sum to >= ``-SPLIT_LIMIT`` in both directions (not NaN)."""
     totals = jnp.maximum(
-        -_sub_sums(_load_chunk_rows(gf_ref, c, dims), dims),
-        -_sub_sums(_load_chunk_rows(gb_ref, c, dims), dims),
+        -jnp.sum(_load_chunk_rows(gf_ref, c, dims), axis=0),
+        -jnp.sum(_load_chunk_rows(gb_ref, c, dims), axis=0),
     )
-    return jnp.max(jnp.max(totals, axis=1), axis=0) <= SPLIT_LIMIT  # one axis at a time
+    return jnp.max(totals, axis=0) <= SPLIT_LIMIT
 
 
 def _chunk_kernel(kernel, dims: _Dims):
@@ -480,7 +485,8 @@ def _chunk_kernel(kernel, dims: _Dims):
 
 
 def _in_sub_chunk(split: bool, by_products, by_loop, operand):
-    """The in-sub-chunk terms added to ``operand``: split products or the exact loop."""
+    """The intra-chunk terms not yet in ``operand``: all pairs of the chunk as split products,
+    or (the off-diagonal sub-blocks already in ``operand``) the exact in-sub-chunk loop."""
     return by_products(operand) if split else by_loop(operand)
 
 
@@ -664,20 +670,20 @@ def _forward_kernel(
         a = _place_own_block_column(a, score, j)
         return a, prefix_f, prefix_b + _load_sub_row(gb_ref, c, j, dims)
 
-    def by_products(a):
+    def by_products():  # all pairs of the chunk
         fq, fk, bq, bk = _split_factors(g)
         fwd, bwd, eye = _pair_masks(dims)
         a_f = _mm_nt(q32 * fq, k32 * fk, dims)
         a_b = _mm_nt(q32 * bq, k32 * bk, dims)
         own = 2.0 * jnp.sum(q32 * k32, axis=1, keepdims=True)  # both directions, exact
-        return a + jnp.where(fwd, a_f, jnp.where(bwd, a_b, jnp.where(eye, own, 0.0)))
+        return jnp.where(fwd, a_f, jnp.where(bwd, a_b, jnp.where(eye, own, 0.0)))
 
-    def by_loop(a):
+    def by_loop():  # pairs across sub-chunks as products, within them by the exact loop
+        a = _off_diagonal_scores(q32, k32, g, dims)  # zero on the diagonal blocks
         zero = _prefix_init(dims)
         return _row_loop(column, (a, zero, zero), dims)[0]
 
-    a = _off_diagonal_scores(q32, k32, g, dims)  # zero on the diagonal blocks
-    a = _in_sub_chunk(split, by_products, by_loop, a)
+    a = by_products() if split else by_loop()
     o += _mm(a, v, dims)
     _store_chunk_rows(o_ref, c, dims, o * (0.5 * dims.scale))
     if scores:
@@ -707,7 +713,7 @@ def _backward_dq_kernel(
     dq_b = _mm_nt(do, h_b, dims) * jnp.exp(g.qb)
     sub = _iota((dims.bt, 1), 0) // SUB
     e_pf, e_sb = jnp.exp(g.pf), jnp.exp(g.sb)
-    for direction, i, key_factor in _boundary_factors(g, dims):
+    for direction, i, key_factor in () if split else _boundary_factors(g, dims):
         if direction == "f":
             dq_f += jnp.where(sub == i, _mm(da, k32 * key_factor, dims) * e_pf, 0.0)
         else:
@@ -798,7 +804,7 @@ def _backward_dkv_kernel(
     at = None if scores else jnp.zeros((dims.bt, dims.bt), jnp.float32)
     dk_f = jnp.zeros_like(k32)  # intra-chunk, strictly off the token's own pair
     dk_b = jnp.zeros_like(k32)
-    for direction, i, key_factor in _boundary_factors(g, dims):
+    for direction, i, key_factor in () if split else _boundary_factors(g, dims):
         query = jnp.where(sub == i, q32 * (e_pf if direction == "f" else e_sb), 0.0)
         if not scores:
             at += _mm_nt(k32 * key_factor, query, dims)
@@ -827,8 +833,8 @@ def _backward_dkv_kernel(
     def by_products(x):  # dat[s, r] of a forward pair (r > s) lies above the diagonal
         fwd, bwd, eye = _pair_masks(dims)
         if scores:  # one direction at a time (fewer live values)
-            dk_f = _mm(jnp.where(bwd, dat, 0.0), q32 * jnp.exp(g.pf), dims) * jnp.exp(-g.pf)
-            dk_b = _mm(jnp.where(fwd, dat, 0.0), q32 * jnp.exp(-g.xb), dims) * jnp.exp(g.xb)
+            dk_f = _mm(jnp.where(bwd, dat, 0.0), q32 * jnp.exp(g.qf), dims) * jnp.exp(-g.qf)
+            dk_b = _mm(jnp.where(fwd, dat, 0.0), q32 * jnp.exp(-g.kb), dims) * jnp.exp(g.kb)
             return x[0] + dk_f, x[1] + dk_b
         fq, fk, bq, bk = _split_factors(g)
         q_f, q_b = q32 * fq, q32 * bq
