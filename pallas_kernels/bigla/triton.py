@@ -41,12 +41,12 @@ gate sums from the chunk's start, so that the product of the two factors is the 
 (each factor within exp(+-SPLIT_LIMIT)). Each program first checks its chunk's gate totals and
 runs one of two whole bodies (``pl.when``): the split products, or the exact sub-chunk path
 above where the chunk is steeper. Static SASS counts
-(``benchmarks/kernel_stats.py``: Triton 3.6, sm_90, 8x3x4096 bf16): the split body is about
-1300 / 1600 / 2800 instructions per program in forward / dq / dkv against about 4400 / 5300 /
-6700 executed by the loop (its body 16 times); registers 128 / 128 / 255 as the loop's (a
-``lax.cond`` around the in-sub-chunk part alone, with values live into both branches, took dq
-to 167). On the H200 the loops were measured at 0.26 of the 0.65 ms of fwd+bwd at 8x3x4096
-(by removing them). Not yet timed on a GPU, so "loop" stays the default.
+(``benchmarks/kernel_stats.py``: Triton 3.6, sm_90, 8x3x4096 bf16, 16-token chunks, 2 warps):
+the split body is 1176 / 1456 / 2680 instructions per warp in forward / dq / dkv against about
+4400 / 5300 / 6700 executed by the loop path (its body 16 times); registers 128 / 128 / 255,
+the loop path's (a ``lax.cond`` around the intra-chunk part alone, with values live into both
+branches, took dq to 167). On the H200 the loops were measured at 0.26 of the 0.65 ms of
+fwd+bwd at 8x3x4096 (by removing them). Not yet timed on a GPU, so "loop" stays the default.
 
 Gate gradients follow FLA's chunk decomposition (no sequence-long cumulative sum): cumulative
 sums of ``q*dq - k*dk`` over the chunk's rows (without each token's own pair, whose two terms
