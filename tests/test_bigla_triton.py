@@ -39,6 +39,7 @@ CASES = [  # (B, N, H, Dk, Dv), gates, Config kwargs
     ((2, 150, 3, 16, 32), "random", {"segments": 4, "state_passes": 1, "save_states": False}),
     ((3, 197, 1, 16, 32), "steep", {"diag": "split"}),  # in-sub-chunk terms as products
     ((1, 300, 2, 32, 64), "random", {"diag": "split", "segments": 3}),
+    ((1, 128, 2, 32, 64), "edge", {"diag": "split"}),  # factors up to ~e^61
     ((1, 197, 2, 32, 64), "cliff", {"diag": "split"}),  # every chunk past SPLIT_LIMIT: the loop
     ((2, 200, 1, 32, 64), "mixed", {"diag": "split", "chunk": 32}),  # split and loop chunks
     ((1, 150, 2, 16, 32), "mixed", {"diag": "split", "chunk": 32, "save_scores": False}),
@@ -73,11 +74,14 @@ def test_fp32_forward_and_gradients_match_float64_reference(shape, gates, config
         ((2, 100, 1, 32, 64), {"save_scores": True}),
         ((1, 300, 3, 32, 64), {"segments": 3, "state_passes": 1}),
         ((2, 197, 1, 32, 64), {"diag": "split"}),
+        ((1, 128, 2, 32, 64), {"diag": "split", "gates": "edge"}),
         ((1, 300, 3, 32, 64), {"diag": "split", "chunk": 32, "segments": 2}),
     ],
 )
 def test_bf16_forward_and_gradients_match_float64_reference(shape, config):
-    arrays = cast_inputs(random_inputs(11, *shape), jnp.bfloat16)
+    config = dict(config)
+    gates = config.pop("gates", "random")
+    arrays = cast_inputs(random_inputs(11, *shape, gates=gates), jnp.bfloat16)
     want, want_grads = reference_vjp(*arrays)
     out, grads = _run(arrays, triton.Config(**config))
     assert out.dtype == jnp.bfloat16

@@ -11,7 +11,14 @@ import numpy as np
 
 from pallas_kernels.bigla import reference
 
-GATE_SHIFTS = {"random": 0.0, "steep": -40.0, "flat": 40.0, "cliff": -100.0, "mixed": None}
+GATE_SHIFTS = {
+    "random": 0.0,
+    "steep": -40.0,
+    "flat": 40.0,
+    "edge": -58.0,
+    "cliff": -100.0,
+    "mixed": None,
+}
 
 
 def random_inputs(
@@ -30,9 +37,10 @@ def random_inputs(
       b, n, h, dk, dv: batch, tokens, heads, key and value dims.
       gates: "random" (logsigmoid(3 x) / 16 with x ~ N(0, 1)), "steep" (logits around -40:
         about -2.5 per step), "flat" (logits around +40: decays of about exp(-3e-19)),
-        "cliff" (logits around -100: about -6.25 per step, past the Triton kernels'
-        ``SPLIT_LIMIT`` over 16 tokens) or "mixed" ("cliff" on the first half of the tokens,
-        "random" on the rest).
+        "edge" (logits around -58: 16-token sums of about -58, just inside the Triton
+        kernels' ``SPLIT_LIMIT``), "cliff" (logits around -100: about -6.25 per step, past
+        it over 16 tokens) or "mixed" ("cliff" on the first half of the tokens, "random" on
+        the rest).
 
     Returns:
       q, k, gf, gb: [B, N, H, Dk]; v and the output cotangent do: [B, N, H, Dv].
