@@ -174,11 +174,12 @@ def test_config_and_input_validation():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU (16384 tokens are too slow interpreted)")
+@pytest.mark.parametrize("diag", ["loop", "split"])
 @pytest.mark.parametrize("gates", ["steep", "random"])
-def test_long_sequence_matches_xla_form(gates):
+def test_long_sequence_matches_xla_form(gates, diag):
     """A 2048-pixel image's 16384 tokens: finite and equal to the chunked xla form."""
     arrays = cast_inputs(random_inputs(3, 2, 16384, 3, 32, 64, gates=gates), np.float32)
-    out, grads = _run(arrays, triton.Config())
+    out, grads = _run(arrays, triton.Config(diag=diag))
     fn = jax.jit(xla.bigla_xla)
     want, vjp = jax.vjp(fn, *arrays[:5])
     want_grads = vjp(jnp.asarray(arrays[5]))
