@@ -40,6 +40,7 @@ CASES = [  # (B, N, H, Dk, Dv), gates, Config kwargs
     ((3, 197, 1, 16, 32), "steep", {"diag": "split"}),  # in-sub-chunk terms as products
     ((1, 300, 2, 32, 64), "random", {"diag": "split", "segments": 3}),
     ((1, 128, 2, 32, 64), "edge", {"diag": "split"}),  # factors up to ~e^61
+    ((1, 40, 1, 128, 128), "random", {"diag": "split"}),  # the largest head dims
     ((1, 197, 2, 32, 64), "cliff", {"diag": "split"}),  # every chunk past SPLIT_LIMIT: the loop
     ((2, 200, 1, 32, 64), "mixed", {"diag": "split", "chunk": 32}),  # split and loop chunks
     ((1, 150, 2, 16, 32), "mixed", {"diag": "split", "chunk": 32, "save_scores": False}),
