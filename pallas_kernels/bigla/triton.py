@@ -437,7 +437,7 @@ def _diag_key_decay(g: _Gates, j, prefix_f, prefix_b, dims: _Dims):
 
 
 def _pair_masks(dims: _Dims):
-    """[BT, BT] masks of the in-sub-chunk pairs (row r, column s): r > s, r < s, r == s."""
+    """[BT, BT] masks of the pairs of a chunk (row r, column s): r > s, r < s, r == s."""
     shape = (dims.bt, dims.bt)
     r, s = _iota(shape, 0), _iota(shape, 1)
     return r > s, r < s, r == s
