@@ -467,10 +467,11 @@ def _chunk_kernel(kernel, dims: _Dims):
     """A chunk kernel ``kernel(q, k, v, gf, gb, ..., c=chunk, split=...)`` as ``Config.diag``
     asks, for the chunk of ``program_id(2)``.
 
-    "split": each program checks its chunk's gates, then runs the whole kernel with the split
-    products, or with the exact loop where a sub-chunk is too steep: two disjoint bodies
-    (``pl.when``), so that no value is live across both and neither path pays the other's
-    registers (one ``lax.cond`` around the in-sub-chunk part alone raised dq from 128 to 167).
+    "split": each program checks its chunk's gate totals, then runs the whole kernel with the
+    split products, or with the exact loop path where the chunk is too steep: two disjoint
+    bodies (``pl.when``), so that no value is live across both and neither path pays the
+    other's registers (a ``lax.cond`` around the intra-chunk part alone raised dq from 128 to
+    167).
     """
 
     def run(*refs):
