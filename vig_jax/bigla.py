@@ -29,7 +29,7 @@ from flax import nnx
 from pallas_kernels import bigla as bigla_op
 from vig_jax import fused
 from vig_jax.dwconv import DEFAULT_IMPLEMENTATION as DEFAULT_CONV
-from vig_jax.dwconv import IMPLEMENTATIONS as CONV_IMPLEMENTATIONS
+from vig_jax.dwconv import check_implementation as check_conv_implementation
 from vig_jax.dwconv import depthwise_conv3x3
 from vig_jax.layers import (
     Dtype,
@@ -104,11 +104,7 @@ class BiGLA(nnx.Module):
                 f"dim={dim} must be divisible by 2 * num_heads={2 * num_heads} "
                 "(key_dim = dim/2 and value_dim = dim are split over the heads)"
             )
-        if conv_implementation not in CONV_IMPLEMENTATIONS:
-            raise ValueError(
-                f"conv_implementation={conv_implementation!r}; expected one of "
-                f"{CONV_IMPLEMENTATIONS}"
-            )
+        check_conv_implementation(conv_implementation, "conv_implementation")
         if linear_init not in ("xavier", "trunc_normal"):
             raise ValueError(f"linear_init={linear_init!r}; expected 'xavier' or 'trunc_normal'")
         self.dim = dim

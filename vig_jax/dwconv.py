@@ -38,6 +38,12 @@ DEFAULT_IMPLEMENTATION = "shifted"
 TAPS = tuple((a, b) for a in range(3) for b in range(3))
 
 
+def check_implementation(value: str, name: str = "implementation") -> None:
+    """Raises ValueError naming ``name`` unless ``value`` is one of ``IMPLEMENTATIONS``."""
+    if value not in IMPLEMENTATIONS:
+        raise ValueError(f"{name}={value!r}; expected one of {IMPLEMENTATIONS}")
+
+
 def _check(x: jax.Array, kernel: jax.Array) -> None:
     if x.ndim != 4:
         raise ValueError(f"x has shape {x.shape}; expected [B, H, W, C]")
@@ -86,8 +92,7 @@ def depthwise_conv3x3(
       [B, H, W, C] in ``dtype``.
     """
     _check(x, kernel)
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
+    check_implementation(implementation)
     dtype = jnp.promote_types(x.dtype, kernel.dtype) if dtype is None else dtype
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     if implementation == "cudnn":
