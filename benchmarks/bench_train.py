@@ -51,8 +51,10 @@ def bench_config(
     config.data.num_classes = 1000
     config.model.dtype = dtype
     config.model.implementation = implementation
-    if conv_implementation and model.startswith("vig"):  # ViG / ViG-H only
-        config.model.conv_implementation = conv_implementation
+    if model.startswith("vig"):  # ViG / ViG-H only; resolved, so that rows record it
+        from vig_jax.dwconv import DEFAULT_IMPLEMENTATION
+
+        config.model.conv_implementation = conv_implementation or DEFAULT_IMPLEMENTATION
     config.model.patch_size = patch_size
     config.param_sharding = param_sharding
     config.total_steps = 10_000
