@@ -121,7 +121,7 @@ def _bytes(shape, dtype, backward: bool) -> int:
 
 
 def parse_config(text: str) -> dict:
-    """``"num_warps=8,completion=xla"`` -> {"num_warps": 8, "completion": "xla"}; "" -> {}.
+    """``"num_warps=8,diag=split"`` -> {"num_warps": 8, "diag": "split"}; "" -> {}.
 
     Values are Config fields: integers, None, or strings (anything that is not an integer).
     """

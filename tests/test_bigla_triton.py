@@ -37,7 +37,7 @@ CASES = [  # (B, N, H, Dk, Dv), gates, Config kwargs
     ((1, 300, 1, 32, 64), "steep", {"segments": 3, "state_passes": 1}),  # local carries
     ((1, 300, 2, 32, 64), "random", {"segments": 2}),  # two state passes (the default)
     ((2, 150, 3, 16, 32), "random", {"segments": 4, "state_passes": 1, "save_states": False}),
-    ((3, 197, 1, 16, 32), "steep", {"diag": "split"}),  # in-sub-chunk terms as products
+    ((3, 197, 1, 16, 32), "steep", {"diag": "split"}),  # intra-chunk terms as products
     ((1, 300, 2, 32, 64), "random", {"diag": "split", "segments": 3}),
     ((1, 128, 2, 32, 64), "edge", {"diag": "split"}),  # factors up to ~e^61
     ((1, 40, 1, 128, 128), "random", {"diag": "split"}),  # the largest head dims
@@ -206,8 +206,8 @@ def test_fp32_chunks_are_capped_on_the_gpu():
 
 @pytest.mark.parametrize(("gates", "fallback"), [("cliff", True), ("steep", False)])
 def test_split_diag_takes_the_exact_loop_only_past_the_limit(gates, fallback):
-    """diag="split" gives the loop's results bit for bit where every sub-chunk is steeper than
-    SPLIT_LIMIT (the lax.cond fallback), and different roundings where it is not."""
+    """diag="split" gives the loop path's results bit for bit where every chunk is steeper than
+    SPLIT_LIMIT (each program's fallback body), and different roundings where it is not."""
     arrays = cast_inputs(random_inputs(5, 1, 96, 2, 32, 64, gates=gates), np.float32)
     split = _run(arrays, triton.Config(diag="split"))
     loop = _run(arrays, triton.Config(diag="loop"))

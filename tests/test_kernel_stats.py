@@ -41,8 +41,8 @@ def test_benchmark_shape_kernels_compile_and_bf16_ones_do_not_spill(dtype, confi
 
 
 def test_split_diag_replaces_the_row_loops_by_products():
-    """The forward's in-sub-chunk terms: the loop path has one loop of the 16 key rows; the
-    split path adds the tensor-core products (and keeps the loop only as its fallback)."""
+    """The intra-chunk terms: the loop path has a loop over the 16 rows of a sub-chunk; the
+    split path adds the tensor-core products (and keeps the loop path only as its fallback)."""
     loop = {s.name: s for s in kernel_stats.kernel_stats((2, 197, 3, 32, 64), "bf16", {})}
     split = {
         s.name: s for s in kernel_stats.kernel_stats((2, 197, 3, 32, 64), "bf16", {"diag": "split"})

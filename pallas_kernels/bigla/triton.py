@@ -485,7 +485,7 @@ def _chunk_kernel(kernel, dims: _Dims):
     return run
 
 
-def _in_sub_chunk(split: bool, by_products, by_loop, operand):
+def _intra_chunk(split: bool, by_products, by_loop, operand):
     """The intra-chunk terms not yet in ``operand``: all pairs of the chunk as split products,
     or (the off-diagonal sub-blocks already in ``operand``) the exact in-sub-chunk loop."""
     return by_products(operand) if split else by_loop(operand)
@@ -743,7 +743,7 @@ def _backward_dq_kernel(
         zero = _prefix_init(dims)
         return _row_loop(dq_column, (*dq, zero, zero), dims)[:2]
 
-    dq_f, dq_b = _in_sub_chunk(split, by_products, by_loop, (dq_f, dq_b))
+    dq_f, dq_b = _intra_chunk(split, by_products, by_loop, (dq_f, dq_b))
     _store_chunk_rows(dq_ref, c, dims, dq_f + dq_b + own * k32)
     q32 = _load_chunk_rows(q_ref, c, dims)
     _store_chunk_rows(qdq_f_ref, c, dims, q32 * dq_f)
@@ -852,10 +852,10 @@ def _backward_dkv_kernel(
         return _row_loop(dk_column, (*x, zero, zero), dims)[: len(x)]
 
     if scores:
-        dk_f, dk_b = _in_sub_chunk(split, by_products, by_loop, (dk_f, dk_b))
+        dk_f, dk_b = _intra_chunk(split, by_products, by_loop, (dk_f, dk_b))
         dv += _mm_tn(a_ref[c, :, :], do, dims)
     else:
-        dk_f, dk_b, at = _in_sub_chunk(split, by_products, by_loop, (dk_f, dk_b, at))
+        dk_f, dk_b, at = _intra_chunk(split, by_products, by_loop, (dk_f, dk_b, at))
         dv += _mm(at, do, dims)
     _store_chunk_rows(dv_ref, c, dims, dv)
     _store_chunk_rows(dk_ref, c, dims, dk_f + dk_b + dk_rest)
