@@ -23,7 +23,7 @@ KERNELS = {  # kernel -> launches per fwd+bwd with segments (two state passes pe
 
 @pytest.mark.parametrize(
     ("dtype", "config"),
-    [("bf16", ""), ("bf16", "diag=split"), ("fp32", ""), ("fp32", "diag=split")],
+    [("bf16", "diag=loop"), ("bf16", "diag=split"), ("fp32", "diag=loop"), ("fp32", "diag=split")],
 )
 def test_benchmark_shape_kernels_compile_and_bf16_ones_do_not_spill(dtype, config):
     fields = kernel_stats.parse_config(config)
@@ -43,7 +43,9 @@ def test_benchmark_shape_kernels_compile_and_bf16_ones_do_not_spill(dtype, confi
 def test_split_diag_replaces_the_row_loops_by_products():
     """The intra-chunk terms: the loop path has a loop over the 16 rows of a sub-chunk; the
     split path adds the tensor-core products (and keeps the loop path only as its fallback)."""
-    loop = {s.name: s for s in kernel_stats.kernel_stats((2, 197, 3, 32, 64), "bf16", {})}
+    loop = {
+        s.name: s for s in kernel_stats.kernel_stats((2, 197, 3, 32, 64), "bf16", {"diag": "loop"})
+    }
     split = {
         s.name: s for s in kernel_stats.kernel_stats((2, 197, 3, 32, 64), "bf16", {"diag": "split"})
     }

@@ -20,10 +20,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -35,6 +39,10 @@ from train import checkpoint, data, sharding, trainer
 
 HERE = Path(__file__).resolve().parent
 PROCESS_TIMEOUT_S = 240.0
+STACK_DUMP_WAIT_S = 2.0  # For faulthandler to write the stacks.
+LOG_TAIL_CHARS = 12_000  # Of each log in a failure message: room for all threads' stacks.
+# A run set that hangs is started once more (see _run); a second hang fails the test.
+HANG_RETRIES = 1
 # The official recipe minus the per-row device randomness (see the module docstring); host
 # RandAugment stays on. A large LR so that one step moves parameters by ~6e-3.
 OVERRIDES = {
@@ -91,11 +99,26 @@ def _start(workdir: Path, env: dict[str, str], log: Path, **overrides) -> subpro
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
+def _dump_stacks(procs: dict[str, subprocess.Popen]) -> None:
+    """Has every live process write all its threads' Python stacks to its log (the SIGUSR1
+    handler of ``train_utils.py``), so that a hang shows where each process waits."""
+    alive = [p for p in procs.values() if p.poll() is None]
+    for p in alive:
+        p.send_signal(signal.SIGUSR1)
+    if alive:
+        time.sleep(STACK_DUMP_WAIT_S)
+
+
+class _Hung(AssertionError):
+    """Processes were still running at the time limit, and none had failed."""
+
+
 def _wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Path]) -> None:
     """Waits for every process; on a failure or the time limit kills the rest and fails.
 
     A process left alone after its peer died would wait in a collective until JAX's heartbeat
-    timeout, so the others are killed as soon as one fails.
+    timeout, so the others are killed as soon as one fails. Before that, every live process
+    writes its threads' stacks to its log (:func:`_dump_stacks`), which the failure shows.
     """
     deadline = time.monotonic() + PROCESS_TIMEOUT_S
     try:
@@ -103,14 +126,17 @@ def _wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Path]) -> None
             failed = [n for n, p in procs.items() if p.poll() not in (None, 0)]
             if failed or time.monotonic() > deadline:
                 what = f"{failed} failed" if failed else f"timed out after {PROCESS_TIMEOUT_S} s"
+                _dump_stacks(procs)
                 tails = "\n".join(
-                    f"--- {n} (status {procs[n].poll()}):\n{logs[n].read_text()[-3000:]}"
+                    f"--- {n} (status {procs[n].poll()}):\n{logs[n].read_text()[-LOG_TAIL_CHARS:]}"
                     for n in procs
                 )
-                raise AssertionError(f"{what}\n{tails}")
+                raise (AssertionError if failed else _Hung)(f"{what}\n{tails}")
             time.sleep(0.2)
         failed = {n: p.returncode for n, p in procs.items() if p.returncode != 0}
-        assert not failed, "\n".join(f"--- {n}:\n{logs[n].read_text()[-3000:]}" for n in failed)
+        assert not failed, "\n".join(
+            f"--- {n}:\n{logs[n].read_text()[-LOG_TAIL_CHARS:]}" for n in failed
+        )
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -118,15 +144,38 @@ def _wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Path]) -> None
                 p.wait()
 
 
-def _run(runs: dict[str, tuple[Path, dict[str, str], dict]], logdir: Path) -> dict[str, str]:
-    """Starts every run ``name -> (workdir, env, overrides)`` at once; returns their logs."""
-    logs = {name: logdir / f"{name}.log" for name in runs}
-    procs = {
-        name: _start(workdir, env, logs[name], **overrides)
-        for name, (workdir, env, overrides) in runs.items()
-    }
-    _wait_all(procs, logs)
-    return {name: log.read_text() for name, log in logs.items()}
+Runs = dict[str, tuple[Path, dict[str, str], dict]]  # name -> (workdir, env, overrides)
+
+
+def _run(make_runs: Callable[[], Runs], logdir: Path) -> dict[str, str]:
+    """Starts every run of ``make_runs()`` at once; returns their logs.
+
+    A set whose processes hang past ``PROCESS_TIMEOUT_S`` is started again from empty
+    workdirs (``make_runs`` picks a new coordinator port), at most ``HANG_RETRIES`` times, with
+    the hung processes' stacks in a warning. Once in five CI runs on the 2-core machine the
+    two-process pair stopped after step 1's checkpoint; ~45 runs here, loaded and not, never
+    did, so the cause is unknown: the stacks are there for the next one. A process that fails,
+    or a set that hangs again, fails the test.
+    """
+    hangs = 0
+    while True:
+        runs = make_runs()
+        logs = {name: logdir / f"{name}.log" for name in runs}
+        procs = {
+            name: _start(workdir, env, logs[name], **overrides)
+            for name, (workdir, env, overrides) in runs.items()
+        }
+        try:
+            _wait_all(procs, logs)
+        except _Hung as hung:
+            hangs += 1
+            if hangs > HANG_RETRIES:
+                raise
+            warnings.warn(f"starting a hung run set again:\n{hung}", stacklevel=2)
+            for workdir, _, _ in runs.values():
+                shutil.rmtree(workdir, ignore_errors=True)
+            continue
+        return {name: log.read_text() for name, log in logs.items()}
 
 
 def _metrics(workdir: Path) -> list[dict]:
@@ -166,18 +215,22 @@ def test_two_processes_train_like_one_process(tmp_path):
     # One test (one set of subprocesses): under pytest-xdist a shared fixture would run once
     # per worker.
     one = tmp_path / "one"
-    runs = {
-        "one": (one, _env(1), {"distributed": "False"}),
-    }
-    port = _free_port()
-    for pid in (0, 1):
-        runs[f"replicated{pid}"] = (tmp_path / "replicated", _host_env(port, pid), {})
-    logs = _run(runs, tmp_path)
-    port = _free_port()
-    fsdp_runs = {
-        f"fsdp{pid}": (tmp_path / "fsdp", _host_env(port, pid), {"param_sharding": "fsdp"})
-        for pid in (0, 1)
-    }
+
+    def replicated_runs() -> Runs:
+        port = _free_port()
+        runs = {"one": (one, _env(1), {"distributed": "False"})}
+        for pid in (0, 1):
+            runs[f"replicated{pid}"] = (tmp_path / "replicated", _host_env(port, pid), {})
+        return runs
+
+    def fsdp_runs() -> Runs:
+        port = _free_port()
+        return {
+            f"fsdp{pid}": (tmp_path / "fsdp", _host_env(port, pid), {"param_sharding": "fsdp"})
+            for pid in (0, 1)
+        }
+
+    logs = _run(replicated_runs, tmp_path)
     logs.update(_run(fsdp_runs, tmp_path))
 
     assert "process 0 of 2, 2 local / 4 global devices" in logs["replicated0"]

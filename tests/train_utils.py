@@ -7,7 +7,9 @@ SIGKILL and SIGTERM)::
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -168,6 +170,8 @@ def main(argv: list[str]) -> None:
         return
     if command != "train":
         raise SystemExit(f"unknown command {command!r}")
+    # A test that gives up on this process sends SIGUSR1 first: every thread's stack in the log.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     workdir, data_root, overrides = argv[2:5]
     register_tiny_model()
     from train import trainer
