@@ -64,7 +64,13 @@ def test_fp32_forward_and_gradients_match_float64_reference(shape, gates, config
     for name, got, ref in zip(GRAD_NAMES, grads, want_grads, strict=True):
         assert got.shape == ref.shape, name
         assert np.isfinite(np.asarray(got)).all(), name
-        assert relative_error(got, ref) < 1e-5, name
+        assert relative_error(got, ref) < _fp32_tolerance(gates), name
+
+
+def _fp32_tolerance(gates: str) -> float:
+    """1e-5; "cliff" gates (-6.25 per step, 2.5x steeper than the issue's steepest) on the GPU:
+    2e-5, for the exact loop path's TF32x3 products (H100: dgb 1.15e-5 at (1, 197, 2, 32, 64))."""
+    return 2e-5 if gates == "cliff" and ON_GPU else 1e-5
 
 
 @pytest.mark.parametrize(
@@ -192,16 +198,21 @@ def test_long_sequence_matches_xla_form(gates, diag):
 
 def test_fp32_chunks_are_capped_on_the_gpu():
     """64-token fp32 chunks overflow an SM's shared memory (H200: 294,912 of 232,448 B asked),
-    so the GPU kernels take at most FP32_MAX_CHUNK tokens per chunk; bf16 and interpret mode
-    keep the configured chunk."""
+    so the GPU kernels take at most FP32_MAX_CHUNK tokens per chunk, and FP32_SPLIT_MAX_CHUNK
+    with diag="split" (H100: 311,296 B at 32 tokens, Dk = 64, Dv = 128); bf16 and interpret
+    mode keep the configured chunk."""
     q = jnp.zeros((1, 300, 1, 32), jnp.float32)
     v = jnp.zeros((1, 300, 1, 64), jnp.float32)
-    config = triton.Config(chunk=64)
-    assert triton._dims(q, v, None, config, interpret=False).bt == triton.FP32_MAX_CHUNK == 32
-    assert triton._dims(q, v, None, config.backward(), interpret=False).bt == 32
-    assert triton._dims(q, v, None, config, interpret=True).bt == 64
-    low = triton._dims(q.astype(jnp.bfloat16), v.astype(jnp.bfloat16), None, config, False)
-    assert low.bt == 64
+    loop = triton.Config(chunk=64, diag="loop")
+    assert triton._dims(q, v, None, loop, interpret=False).bt == triton.FP32_MAX_CHUNK == 32
+    assert triton._dims(q, v, None, loop.backward(), interpret=False).bt == 32
+    split = triton.Config(chunk=64, diag="split")
+    assert triton._dims(q, v, None, split, interpret=False).bt == triton.FP32_SPLIT_MAX_CHUNK
+    assert triton.FP32_SPLIT_MAX_CHUNK == 16
+    for config in (loop, split):
+        assert triton._dims(q, v, None, config, interpret=True).bt == 64
+        low = triton._dims(q.astype(jnp.bfloat16), v.astype(jnp.bfloat16), None, config, False)
+        assert low.bt == 64
 
 
 @pytest.mark.parametrize(("gates", "fallback"), [("cliff", True), ("steep", False)])

@@ -72,6 +72,9 @@ SPLIT_LIMIT = 64.0
 # fp32 inputs on the GPU: 64-token chunks asked for 294,912 B of shared memory (H200, jax 0.11.2:
 # RESOURCE_EXHAUSTED over the 232,448 B an SM has), so fp32 chunks are capped at 32 tokens.
 FP32_MAX_CHUNK = 32
+# diag="split" kernels hold both intra-chunk bodies: fp32 chunks of 32 at Dk = 64, Dv = 128 asked
+# for 311,296 B (H100), so split fp32 chunks are capped at 16 tokens on the GPU (the default).
+FP32_SPLIT_MAX_CHUNK = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +83,8 @@ class Config:
 
     Attributes:
       chunk: tokens per chunk (BT), a power of two multiple of 16; shorter sequences use less,
-        and fp32 inputs on the GPU at most ``FP32_MAX_CHUNK`` (shared memory).
+        and fp32 inputs on the GPU at most ``FP32_MAX_CHUNK`` (``FP32_SPLIT_MAX_CHUNK`` with
+        ``diag="split"``; shared memory).
       num_warps: warps per program of the chunk-parallel kernels.
       num_stages: software-pipelining stages (Triton) of all kernels.
       state_warps: warps per program of the sequential state kernel.
@@ -124,7 +128,7 @@ class Config:
     save_scores: bool = True
     unroll_rows: bool = False
     state_passes: int = 2
-    diag: str = "loop"
+    diag: str = "split"
 
     def __post_init__(self):
         if self.fp32_dots not in ("tf32x3", "ieee"):
@@ -202,7 +206,7 @@ def _dims(q, v, scale, config: Config, interpret: bool) -> _Dims:
     low = jnp.finfo(jnp.result_type(q.dtype, v.dtype)).bits < 32
     bt = min(config.chunk, max(SUB, _next_pow2(n)))
     if not low and not interpret:
-        bt = min(bt, FP32_MAX_CHUNK)
+        bt = min(bt, FP32_SPLIT_MAX_CHUNK if config.diag == "split" else FP32_MAX_CHUNK)
     nc = -(-n // bt)
     if config.segments is not None:
         ns = min(config.segments, nc)
