@@ -19,7 +19,7 @@ counts 147,456 B per state kernel, and XLA's Triton asked for 294,912 B on the H
 Usage::
 
     pip install triton==3.6.0   # the compiler only; no GPU or CUDA driver needed
-    python -m benchmarks.kernel_stats --shapes 8,3,4096,32,64 --configs "" "diag=split"
+    python -m benchmarks.kernel_stats --shapes 8,3,4096,32,64 --configs "" "diag=loop"
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="*", help="B,H,N,Dk,Dv (default: the ViG shapes)")
     parser.add_argument("--dtypes", default="bf16", help="comma-separated: bf16,fp32")
-    parser.add_argument("--configs", nargs="*", default=[""], help='e.g. "" "diag=split"')
+    parser.add_argument("--configs", nargs="*", default=[""], help='e.g. "" "diag=loop"')
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args(argv)
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes or []] or DEFAULT_SHAPES

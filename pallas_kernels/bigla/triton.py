@@ -46,7 +46,10 @@ the split body is 1176 / 1456 / 2680 instructions per warp in forward / dq / dkv
 4400 / 5300 / 6700 executed by the loop path (its body 16 times); registers 128 / 128 / 255,
 the loop path's (a ``lax.cond`` around the intra-chunk part alone, with values live into both
 branches, took dq to 167). On the H200 the loops were measured at 0.26 of the 0.65 ms of
-fwd+bwd at 8x3x4096 (by removing them). Not yet timed on a GPU, so "loop" stays the default.
+fwd+bwd at 8x3x4096 (by removing them). Timed on the H100 (bf16 fwd+bwd, ``diag="loop"`` ->
+``"split"``): 8x3x4096 0.675 -> 0.487 ms, 128x3x196 0.457 -> 0.307, 128x12x196 1.738 -> 1.172
+(``benchmarks/results/tune_bigla_split_h100.json``), so "split" is the default; with it, larger
+chunks are slower (chunk 32: 0.527 ms at 8x3x4096, 64: 1.024).
 
 Gate gradients follow FLA's chunk decomposition (no sequence-long cumulative sum): cumulative
 sums of ``q*dq - k*dk`` over the chunk's rows (without each token's own pair, whose two terms
@@ -106,9 +109,9 @@ class Config:
       state_passes: with segments, 1: one state pass storing segment-local carries, which
         an elementwise XLA pass completes after the fold; 2: a pass storing only segment
         summaries, the fold, then a pass storing complete carries (no completion pass).
-      diag: the intra-chunk terms: "split": all pairs of a chunk as tensor-core products of
-        operands rescaled by exp of gate sums from the chunk's start (a chunk whose gates
-        sum below ``-SPLIT_LIMIT`` takes the "loop" path instead); "loop": products across
+      diag: the intra-chunk terms: "split" (default): all pairs of a chunk as tensor-core
+        products of operands rescaled by exp of gate sums from the chunk's start (a chunk whose
+        gates sum below ``-SPLIT_LIMIT`` takes the "loop" path instead); "loop": products across
         16-row sub-chunks, exact elementwise products within them, one row per step.
     """
 
