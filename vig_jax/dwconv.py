@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLEMENTATIONS = ("shifted", "cudnn")
+IMPLEMENTATIONS = ("shifted", "cudnn", "hybrid")
 DEFAULT_IMPLEMENTATION = "shifted"
 TAPS = tuple((a, b) for a in range(3) for b in range(3))
 
@@ -73,6 +73,38 @@ def _forward(x: jax.Array, taps: jax.Array) -> jax.Array:
     return _shifted_sum(_pad(x), taps, h, w).astype(x.dtype)
 
 
+def _cudnn(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``lax.conv_general_dilated`` as ``nnx.Conv`` runs a depthwise conv (cuDNN on the GPU)."""
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(1, 1),
+        padding=((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+    )
+
+
+@jax.custom_vjp
+def _hybrid(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The shifted forward and ``dx``; ``dw`` as the convolution's weight gradient (cuDNN)."""
+    return _forward(x, kernel[:, :, 0, :])
+
+
+def _hybrid_fwd(x, kernel):
+    return _hybrid(x, kernel), (x, kernel)
+
+
+def _hybrid_bwd(res, dy):
+    x, kernel = res
+    _, dx_of = jax.vjp(lambda a: _forward(a, kernel[:, :, 0, :]), x)
+    _, dw_of = jax.vjp(lambda w: _cudnn(x, w), kernel)
+    return dx_of(dy)[0], dw_of(dy)[0]
+
+
+_hybrid.defvjp(_hybrid_fwd, _hybrid_bwd)
+
+
 def depthwise_conv3x3(
     x: jax.Array,
     kernel: jax.Array,
@@ -96,12 +128,7 @@ def depthwise_conv3x3(
     dtype = jnp.promote_types(x.dtype, kernel.dtype) if dtype is None else dtype
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     if implementation == "cudnn":
-        return lax.conv_general_dilated(
-            x,
-            kernel,
-            window_strides=(1, 1),
-            padding=((1, 1), (1, 1)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=x.shape[-1],
-        )
+        return _cudnn(x, kernel)
+    if implementation == "hybrid":
+        return _hybrid(x, kernel)
     return _forward(x, kernel[:, :, 0, :])
