@@ -48,8 +48,8 @@ def _conv_act(conv: nnx.Conv, u: jax.Array, act: bool, implementation: str) -> j
 
     ``implementation`` is :func:`vig_jax.dwconv.depthwise_conv3x3`'s ("cudnn" runs the
     convolution ``conv`` itself would); the parameters and dtype are ``conv``'s either way."""
-    c = depthwise_conv3x3(u, conv.kernel[...], implementation=implementation, dtype=conv.dtype)
-    return jax.nn.silu(c) if act else c
+    kernel = conv.kernel[...]
+    return depthwise_conv3x3(u, kernel, implementation=implementation, dtype=conv.dtype, act=act)
 
 
 def _log_gates(gk_proj: nnx.List, c: jax.Array) -> jax.Array:
@@ -165,9 +165,10 @@ class BiGLA(nnx.Module):
         """
         b, h, w, d = u.shape
         n, heads = h * w, self.num_heads
-        c = nnx.remat(_conv_act, static_argnums=(2, 3))(
-            self.in_proj, u, self.conv_act, self.conv_implementation
-        )
+        conv_act = _conv_act
+        if self.conv_implementation != "pallas":  # its own vjp keeps only u and the kernel
+            conv_act = nnx.remat(_conv_act, static_argnums=(2, 3))
+        c = conv_act(self.in_proj, u, self.conv_act, self.conv_implementation)
         c = c.reshape(b, n, d)
         q, k, v = jnp.split(self.qkv_proj(c), [self.key_dim, 2 * self.key_dim], axis=-1)
         log_gates = nnx.remat(_log_gates)(self.gk_proj, c)

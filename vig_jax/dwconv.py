@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLEMENTATIONS = ("shifted", "cudnn", "hybrid")
+from pallas_kernels.dwconv import dwconv3x3 as pallas_dwconv3x3
+
+IMPLEMENTATIONS = ("shifted", "cudnn", "hybrid", "pallas")
 DEFAULT_IMPLEMENTATION = "shifted"
 TAPS = tuple((a, b) for a in range(3) for b in range(3))
 
@@ -111,14 +113,16 @@ def depthwise_conv3x3(
     *,
     implementation: str = DEFAULT_IMPLEMENTATION,
     dtype: jnp.dtype | None = None,
+    act: bool = False,
 ) -> jax.Array:
-    """3x3 depthwise convolution, stride 1, zero padding 1, no bias.
+    """3x3 depthwise convolution, stride 1, zero padding 1, no bias, optionally then SiLU.
 
     Args:
       x: [B, H, W, C].
       kernel: [3, 3, 1, C] (HWIO depthwise layout).
       implementation: one of ``IMPLEMENTATIONS``.
       dtype: computation dtype of the operands and the output (default: promoted).
+      act: apply SiLU to the result ("pallas": inside its kernels).
 
     Returns:
       [B, H, W, C] in ``dtype``.
@@ -127,8 +131,12 @@ def depthwise_conv3x3(
     check_implementation(implementation)
     dtype = jnp.promote_types(x.dtype, kernel.dtype) if dtype is None else dtype
     x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if implementation == "pallas":
+        return pallas_dwconv3x3(x, kernel[:, :, 0, :], act=act)
     if implementation == "cudnn":
-        return _cudnn(x, kernel)
-    if implementation == "hybrid":
-        return _hybrid(x, kernel)
-    return _forward(x, kernel[:, :, 0, :])
+        y = _cudnn(x, kernel)
+    elif implementation == "hybrid":
+        y = _hybrid(x, kernel)
+    else:
+        y = _forward(x, kernel[:, :, 0, :])
+    return jax.nn.silu(y) if act else y
