@@ -1,0 +1,106 @@
+"""The Pallas depthwise 3x3 conv kernels (pallas_kernels.dwconv) against float64 references.
+
+On a CPU the kernels run in Pallas interpret mode (the same kernel code); on a GPU they run
+compiled (Triton), in float32 / bf16 against the float64 NumPy definition of test_dwconv.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import dwconv
+from test_dwconv import numpy_conv, numpy_conv_vjp
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _inputs(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.standard_normal(shape),
+        rng.standard_normal((3, 3, shape[-1])),
+        rng.standard_normal(shape),
+    )
+
+
+def _silu_and_grad(z):
+    s = 1 / (1 + np.exp(-z))
+    return z * s, s * (1 + z * (1 - s))
+
+
+def numpy_conv_act(x, w, dy, act):
+    """(y, dx, dw) of ``act(conv(x, w))`` in float64."""
+    z = numpy_conv(x, w)
+    if not act:
+        return (z, *numpy_conv_vjp(x, w, dy))
+    y, slope = _silu_and_grad(z)
+    return (y, *numpy_conv_vjp(x, w, dy * slope))
+
+
+def _run(x, w, dy, act, config, dtype):
+    fn = lambda a, k: dwconv.dwconv3x3(a, k, act=act, config=config)
+    y, vjp = jax.vjp(fn, jnp.asarray(x, dtype), jnp.asarray(w, dtype))
+    dx, dw = vjp(jnp.asarray(dy, dtype))
+    return y, dx, dw
+
+
+# Shapes: ragged row blocks (35 and 196 tokens), one-token images, odd widths, channel counts that
+# take 64-, 16- and 1-channel blocks.
+CASES = [
+    ((2, 5, 7, 64), True, dwconv.Config()),
+    ((2, 14, 14, 192), True, dwconv.Config()),
+    ((1, 9, 3, 48), False, dwconv.Config(block_rows=16, block_channels=32)),
+    ((3, 1, 1, 8), True, dwconv.Config(block_rows=16)),
+    ((1, 4, 6, 3), False, dwconv.Config(block_rows=16)),
+]
+
+
+@pytest.mark.skipif(ON_GPU, reason="float64 runs interpreted (CPU) only")
+@pytest.mark.parametrize("shape,act,config", CASES)
+def test_float64_matches_numpy(x64, shape, act, config):
+    x, w, dy = _inputs(shape)
+    got = _run(x, w, dy, act, config, jnp.float64)
+    for name, value, want in zip(("y", "dx", "dw"), got, numpy_conv_act(x, w, dy, act)):
+        assert value.dtype == jnp.float64, name
+        np.testing.assert_allclose(value, want, rtol=1e-11, atol=1e-11, err_msg=name)
+
+
+@pytest.mark.parametrize("shape,act,config", CASES[:3])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 4e-2)])
+def test_low_precision_matches_numpy(shape, act, config, dtype, tol):
+    """fp32 and bf16 inputs (fp32 arithmetic): errors relative to the largest reference value.
+
+    bf16 rounds the inputs, the output, the cotangent handed to the backward kernel and (with
+    SiLU) the recomputed pre-activation: 4e-2 of the largest value."""
+    x, w, dy = _inputs(shape, seed=1)
+    ref = numpy_conv_act(
+        *(np.asarray(jnp.asarray(a, dtype).astype(jnp.float32), np.float64) for a in (x, w, dy)),
+        act,
+    )
+    for name, value, want in zip(("y", "dx", "dw"), _run(x, w, dy, act, config, dtype), ref):
+        assert value.dtype == dtype, name
+        err = np.max(np.abs(np.asarray(value, np.float64) - want)) / np.max(np.abs(want))
+        assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
+
+
+def test_reference_is_the_definition(x64):
+    x, w, dy = _inputs((2, 5, 7, 4))
+    np.testing.assert_allclose(
+        dwconv.reference(jnp.asarray(x), jnp.asarray(w), act=True),
+        numpy_conv_act(x, w, dy, True)[0],
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+def test_bad_inputs_raise():
+    x = jnp.zeros((2, 4, 4, 8))
+    with pytest.raises(ValueError, match=r"expected \[B, H, W, C\]"):
+        dwconv.dwconv3x3(x[0], jnp.zeros((3, 3, 8)))
+    with pytest.raises(ValueError, match=r"expected \(3, 3, 8\)"):
+        dwconv.dwconv3x3(x, jnp.zeros((3, 3, 1, 8)))
+    with pytest.raises(ValueError, match="block_rows=24; expected a power of two"):
+        dwconv.Config(block_rows=24)
