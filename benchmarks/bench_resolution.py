@@ -1651,7 +1651,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bigla-impl", default=None, help="BiGLA implementation (default: fastest)")
     p.add_argument("--attention-impl", default=None, choices=(None, "xla", "cudnn"))
     p.add_argument(
-        "--conv-impl", default=None, help="ViG depthwise conv: shifted (default) | cudnn"
+        "--conv-impl", default=None, help="ViG depthwise conv (vig_jax.dwconv.IMPLEMENTATIONS; default: its DEFAULT_IMPLEMENTATION)"
     )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=20, help="most timed steps per measurement")

@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median wall time)")
     parser.add_argument("--out", default=None)
     parser.add_argument(
-        "--conv-implementation", default=None, help="ViG depthwise conv: shifted | cudnn"
+        "--conv-implementation", default=None, help="ViG depthwise conv: shifted | cudnn | hybrid | pallas"
     )
     args = parser.parse_args()
     rows = [profile_model(m, args) for m in args.models.split(",")]

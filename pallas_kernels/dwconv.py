@@ -109,14 +109,24 @@ def _conv_tile(x_ref, w_ref, h, w, block_rows, flip):
     return acc
 
 
+def _store_rows(ref, x, h, w, block_rows):
+    """Stores this program's rows [BR, BC] into a whole-image [N, BC] ref, rows >= N masked.
+
+    The output blocks are whole images because the Triton lowering does not mask a ragged last
+    block: a [BR, BC] tile block past the image's end wrote into the next image's rows (H100)."""
+    start = (pl.program_id(1) * block_rows).astype(jnp.int_)  # the slice's other index (x64)
+    rows = start + lax.broadcasted_iota(start.dtype, x.shape, 0)
+    plt.store(ref.at[pl.ds(start, block_rows), :], x.astype(ref.dtype), mask=rows < h * w)
+
+
 def _forward_kernel(x_ref, w_ref, y_ref, *, h, w, block_rows, act):
     z = _conv_tile(x_ref, w_ref, h, w, block_rows, flip=False)
-    y_ref[...] = (jax.nn.silu(z) if act else z).astype(y_ref.dtype)
+    _store_rows(y_ref, jax.nn.silu(z) if act else z, h, w, block_rows)
 
 
 def _backward_kernel(g_ref, x_ref, w_ref, dx_ref, dw_ref, *, h, w, block_rows):
     """dx = correlation of g with the flipped taps; dw partial = sum_rows x(tap) * g."""
-    dx_ref[...] = _conv_tile(g_ref, w_ref, h, w, block_rows, flip=True).astype(dx_ref.dtype)
+    _store_rows(dx_ref, _conv_tile(g_ref, w_ref, h, w, block_rows, flip=True), h, w, block_rows)
     n = pl.program_id(1) * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
     g = jnp.where((n < h * w)[:, None], g_ref[jnp.minimum(n, h * w - 1), :], 0)
     g = g.astype(dw_ref.dtype)
@@ -133,9 +143,8 @@ def _specs(b, h, w, c, config):
     br = config.block_rows
     nb = pl.cdiv(h * w, br)
     image = pl.BlockSpec((None, h * w, bc), lambda i, r, k: (i, 0, k))
-    tile = pl.BlockSpec((None, br, bc), lambda i, r, k: (i, r, k))
     weights = pl.BlockSpec((TAPS_PAD, bc), lambda i, r, k: (0, k))
-    return (b, nb, c // bc), image, tile, weights
+    return (b, nb, c // bc), image, weights
 
 
 def _params(config):
@@ -150,12 +159,12 @@ def _pad_taps(kernel, dtype):
 
 def _run_forward(x, taps, act, config, interpret):
     b, h, w, c = x.shape
-    grid, image, tile, weights = _specs(b, h, w, c, config)
+    grid, image, weights = _specs(b, h, w, c, config)
     y = pl.pallas_call(
         functools.partial(_forward_kernel, h=h, w=w, block_rows=config.block_rows, act=act),
         grid=grid,
         in_specs=[image, weights],
-        out_specs=tile,
+        out_specs=image,
         out_shape=jax.ShapeDtypeStruct((b, h * w, c), x.dtype),
         compiler_params=_params(config),
         interpret=interpret,
@@ -166,14 +175,14 @@ def _run_forward(x, taps, act, config, interpret):
 
 def _run_backward(g, x, taps, config, interpret):
     b, h, w, c = x.shape
-    grid, image, tile, weights = _specs(b, h, w, c, config)
+    grid, image, weights = _specs(b, h, w, c, config)
     bc = c // grid[2]
     dw_spec = pl.BlockSpec((None, None, TAPS_PAD, bc), lambda i, r, k: (i, r, 0, k))
     dx, dw = pl.pallas_call(
         functools.partial(_backward_kernel, h=h, w=w, block_rows=config.block_rows),
         grid=grid,
         in_specs=[image, image, weights],
-        out_specs=[tile, dw_spec],
+        out_specs=[image, dw_spec],
         out_shape=[
             jax.ShapeDtypeStruct((b, h * w, c), x.dtype),
             jax.ShapeDtypeStruct((b, grid[1], TAPS_PAD, c), taps.dtype),

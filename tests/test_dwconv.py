@@ -64,6 +64,8 @@ def _inputs(shape, seed=0):
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 1, 1, 4), (3, 2, 9, 1)])
 def test_float64_forward_and_gradients_match_numpy(implementation, shape):
+    if implementation in ("cudnn", "hybrid") and jax.default_backend() == "gpu":
+        pytest.skip("cuDNN has no float64 depthwise convolution (H100: no supported config)")
     x, w, dy = _inputs(shape)
     fn = lambda a, k: depthwise_conv3x3(a, k, implementation=implementation)
     y, vjp = jax.vjp(fn, jnp.asarray(x), jnp.asarray(w[:, :, None, :]))
