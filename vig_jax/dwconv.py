@@ -22,6 +22,13 @@ costs about 1.2 ms per ViG-T step at 224 px / 128 against a good pick. A hand-wr
 with a two-stage weight reduction measured slower than autodiff's (0.86 ms at 1024 px) and was
 dropped (its rows are the ``staged`` ones in that JSON).
 
+On the H100 (``benchmarks/results/dwconv_h100.json``, one compile, bf16 fwd+bwd) at
+[128, 14, 14, 192]: shifted 0.166 ms, "pallas" 0.067, cuDNN 0.049; at [8, 64, 64, 192]: 0.208,
+0.073, 0.056. In the ViG-T step (``benchmarks.profile_step``) "pallas" cut the kernel time from
+16.94 to 15.63 ms, but that run's kernels stored a ragged last tile unmasked (wrong values at
+196 tokens; fixed in 0d34fe6, not re-timed) and its wall time was not lower (19.80 vs 19.15 ms),
+so "shifted" stays the default until the fixed kernel is timed in the step.
+
 ``benchmarks/bench_dwconv.py`` times both. Shapes: ``x`` [B, H, W, C] (NHWC), kernel
 [3, 3, 1, C] (HWIO, as ``nnx.Conv`` stores a depthwise kernel); the output is [B, H, W, C] in
 ``dtype`` (default: x's and the kernel's promoted dtype); products and sums are fp32.
