@@ -387,6 +387,7 @@ class _Model:
         bigla_impl: str | None = None,
         attention_impl: str | None = None,
         conv_impl: str | None = None,
+        output_impl: str | None = None,
     ):
         import jax.numpy as jnp
         import optax
@@ -394,6 +395,7 @@ class _Model:
 
         from pallas_kernels.bigla import api as bigla_api
         from vig_jax import create_model, deit
+        from vig_jax.bigla import DEFAULT_OUTPUT
         from vig_jax.dwconv import DEFAULT_IMPLEMENTATION as DEFAULT_CONV
 
         if dtype not in DTYPES:
@@ -407,6 +409,7 @@ class _Model:
             self.impl = attention_impl or deit.default_attention_implementation(self.compute_dtype)
         # ViG only: the depthwise conv's implementation, the model's default unless given.
         self.conv_impl = (conv_impl or DEFAULT_CONV) if model.startswith("vig") else None
+        self.output_impl = (output_impl or DEFAULT_OUTPUT) if model.startswith("vig") else None
         self.create_model = create_model
         self.tx = optax.adamw(1e-3, weight_decay=0.05)
 
@@ -421,6 +424,7 @@ class _Model:
             implementation=self.impl,
             rngs=self.nnx.Rngs(0),
             **({"conv_implementation": self.conv_impl} if self.conv_impl else {}),
+            **({"output_implementation": self.output_impl} if self.output_impl else {}),
         )
 
     def graphdefs(self):
@@ -498,6 +502,7 @@ class ChildConfig:
     bigla_impl: str | None = None
     attention_impl: str | None = None
     conv_impl: str | None = None
+    output_impl: str | None = None
     warmup: int = 2
     max_steps: int = 20
     min_steps: int = 3
@@ -591,6 +596,7 @@ class _Child:
             self.cfg.bigla_impl,
             self.cfg.attention_impl,
             self.cfg.conv_impl,
+            self.cfg.output_impl,
         )
         graphdef_train, graphdef_eval, params, rest = m.graphdefs()
         opt = jax.eval_shape(m.tx.init, params)
@@ -686,6 +692,8 @@ class _Child:
         row: dict[str, Any] = {"batch": p.batch, "implementation": p.model.impl, **p.info}
         if p.model.conv_impl:
             row["conv_implementation"] = p.model.conv_impl
+        if p.model.output_impl:
+            row["output_implementation"] = p.model.output_impl
         t0 = time.perf_counter()
         peak0 = self.peak()
         params, rest = self.device_state(p)
@@ -884,7 +892,15 @@ def child_main(cfg: ChildConfig) -> None:
         t0 = time.perf_counter()
         for m in dict.fromkeys(u.model for _, u in units):  # the parameters, first
             u = next(u for _, u in units if u.model == m)
-            model = _Model(m, u.img, u.dtype, cfg.bigla_impl, cfg.attention_impl, cfg.conv_impl)
+            model = _Model(
+                m,
+                u.img,
+                u.dtype,
+                cfg.bigla_impl,
+                cfg.attention_impl,
+                cfg.conv_impl,
+                cfg.output_impl,
+            )
             pool.submit(child.host_init, model)
         futures = {pool.submit(child.prepare, i, u): (i, u) for i, u in compile_order(units)}
         ready: list[_Prepared] = []
@@ -1168,6 +1184,7 @@ class Runner:
             bigla_impl=args.bigla_impl,
             attention_impl=args.attention_impl,
             conv_impl=args.conv_impl,
+            output_impl=args.output_impl,
             warmup=args.warmup,
             max_steps=args.steps,
             min_steps=min(3, args.steps),
@@ -1651,8 +1668,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bigla-impl", default=None, help="BiGLA implementation (default: fastest)")
     p.add_argument("--attention-impl", default=None, choices=(None, "xla", "cudnn"))
     p.add_argument(
-        "--conv-impl", default=None, help="ViG depthwise conv (vig_jax.dwconv.IMPLEMENTATIONS; default: its DEFAULT_IMPLEMENTATION)"
+        "--conv-impl",
+        default=None,
+        help="ViG depthwise conv (vig_jax.dwconv.IMPLEMENTATIONS; default: DEFAULT_IMPLEMENTATION)",
     )
+    p.add_argument("--output-impl", default=None, help="ViG gated output: xla (default) | pallas")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=20, help="most timed steps per measurement")
     p.add_argument("--measure-seconds", type=float, default=1.0)

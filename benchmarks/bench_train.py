@@ -36,6 +36,7 @@ def bench_config(
     patch_size: int | None,
     param_sharding: str,
     conv_implementation: str | None = None,
+    output_implementation: str | None = None,
 ):
     """The model's official recipe at the benchmark's size on fake data.
 
@@ -52,9 +53,11 @@ def bench_config(
     config.model.dtype = dtype
     config.model.implementation = implementation
     if model.startswith("vig"):  # ViG / ViG-H only; resolved, so that rows record it
+        from vig_jax.bigla import DEFAULT_OUTPUT
         from vig_jax.dwconv import DEFAULT_IMPLEMENTATION
 
         config.model.conv_implementation = conv_implementation or DEFAULT_IMPLEMENTATION
+        config.model.output_implementation = output_implementation or DEFAULT_OUTPUT
     config.model.patch_size = patch_size
     config.param_sharding = param_sharding
     config.total_steps = 10_000
@@ -103,6 +106,7 @@ def run_one(args, model: str) -> dict:
         args.patch_size,
         args.param_sharding,
         args.conv_implementation,
+        args.output_implementation,
     )
     mesh = sharding.make_mesh()
     t0 = time.perf_counter()
@@ -128,6 +132,7 @@ def run_one(args, model: str) -> dict:
         "dtype": args.dtype,
         "implementation": args.implementation,
         "conv_implementation": config.model.conv_implementation,
+        "output_implementation": config.model.get("output_implementation"),
         "param_sharding": args.param_sharding,
         "bare": args.bare,
         "median_step_ms": 1e3 * median,
@@ -150,7 +155,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--implementation", default=None)
     parser.add_argument(
-        "--conv-implementation", default=None, help="ViG depthwise conv: shifted | cudnn"
+        "--conv-implementation",
+        default=None,
+        help="ViG depthwise conv: shifted | cudnn | hybrid | pallas",
+    )
+    parser.add_argument(
+        "--output-implementation", default=None, help="ViG gated output: xla | pallas"
     )
     parser.add_argument("--param-sharding", default="replicated")
     parser.add_argument(

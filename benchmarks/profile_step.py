@@ -71,6 +71,7 @@ def profile_model(model: str, args) -> dict:
         None,
         "replicated",
         args.conv_implementation,
+        args.output_implementation,
     )
     mesh = sharding.make_mesh()
     comps = trainer.build_components(config, mesh, 1000, config.total_steps, config.warmup_steps)
@@ -103,6 +104,7 @@ def profile_model(model: str, args) -> dict:
         "dtype": args.dtype,
         "bare": not args.full,
         "conv_implementation": config.model.conv_implementation,
+        "output_implementation": config.model.get("output_implementation"),
         "kernel_ms": total,
         "wall_step_ms": wall_ms,
         "img_per_s_wall": args.batch / (wall_ms * 1e-3),
@@ -124,7 +126,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median wall time)")
     parser.add_argument("--out", default=None)
     parser.add_argument(
-        "--conv-implementation", default=None, help="ViG depthwise conv: shifted | cudnn | hybrid | pallas"
+        "--conv-implementation",
+        default=None,
+        help="ViG depthwise conv: shifted | cudnn | hybrid | pallas",
+    )
+    parser.add_argument(
+        "--output-implementation", default=None, help="ViG gated output: xla | pallas"
     )
     args = parser.parse_args()
     rows = [profile_model(m, args) for m in args.models.split(",")]

@@ -114,7 +114,8 @@ def _store_rows(ref, x, h, w, block_rows):
 
     The output blocks are whole images because the Triton lowering does not mask a ragged last
     block: a [BR, BC] tile block past the image's end wrote into the next image's rows (H100)."""
-    start = (pl.program_id(1) * block_rows).astype(jnp.int_)  # the slice's other index (x64)
+    index = jax.dtypes.canonicalize_dtype(jnp.int64)  # the slices' 0 is int64 under x64
+    start = (pl.program_id(1) * block_rows).astype(index)
     rows = start + lax.broadcasted_iota(start.dtype, x.shape, 0)
     plt.store(ref.at[pl.ds(start, block_rows), :], x.astype(ref.dtype), mask=rows < h * w)
 

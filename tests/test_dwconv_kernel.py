@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_dwconv import numpy_conv, numpy_conv_vjp
 
 from pallas_kernels import dwconv
-from test_dwconv import numpy_conv, numpy_conv_vjp
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -63,7 +63,9 @@ CASES = [
 def test_float64_matches_numpy(x64, shape, act, config):
     x, w, dy = _inputs(shape)
     got = _run(x, w, dy, act, config, jnp.float64)
-    for name, value, want in zip(("y", "dx", "dw"), got, numpy_conv_act(x, w, dy, act)):
+    for name, value, want in zip(
+        ("y", "dx", "dw"), got, numpy_conv_act(x, w, dy, act), strict=True
+    ):
         assert value.dtype == jnp.float64, name
         np.testing.assert_allclose(value, want, rtol=1e-11, atol=1e-11, err_msg=name)
 
@@ -80,7 +82,9 @@ def test_low_precision_matches_numpy(shape, act, config, dtype, tol):
         *(np.asarray(jnp.asarray(a, dtype).astype(jnp.float32), np.float64) for a in (x, w, dy)),
         act,
     )
-    for name, value, want in zip(("y", "dx", "dw"), _run(x, w, dy, act, config, dtype), ref):
+    for name, value, want in zip(
+        ("y", "dx", "dw"), _run(x, w, dy, act, config, dtype), ref, strict=True
+    ):
         assert value.dtype == dtype, name
         err = np.max(np.abs(np.asarray(value, np.float64) - want)) / np.max(np.abs(want))
         assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"

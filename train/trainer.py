@@ -74,8 +74,9 @@ def model_builder(config: ml_collections.ConfigDict, num_classes: int) -> Callab
     """A zero-argument function creating the configured model (for eval_shape and init)."""
     mc = config.model
     extra = {}
-    if mc.get("conv_implementation"):
-        extra["conv_implementation"] = mc.conv_implementation
+    for key in ("conv_implementation", "output_implementation"):
+        if mc.get(key):
+            extra[key] = mc[key]
 
     def build() -> nnx.Module:
         return create_model(

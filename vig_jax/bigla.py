@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels import bigla as bigla_op
+from pallas_kernels.gated_norm import gated_norm as pallas_gated_norm
 from vig_jax import fused
 from vig_jax.dwconv import DEFAULT_IMPLEMENTATION as DEFAULT_CONV
 from vig_jax.dwconv import check_implementation as check_conv_implementation
@@ -38,6 +39,10 @@ from vig_jax.layers import (
     xavier_uniform_torch,
 )
 
+# How the gated output runs: "xla" (vig_jax.fused, the default until the kernel is timed in the
+# training step) or "pallas" (pallas_kernels.gated_norm: one forward and one backward kernel).
+OUTPUT_IMPLEMENTATIONS = ("xla", "pallas")
+DEFAULT_OUTPUT = "xla"
 GATE_LOW_RANK = 16  # gate_low_rank_dim
 GATE_NORMALIZER = 16.0  # gate_logit_normalizer
 
@@ -62,6 +67,11 @@ def _log_gates(gk_proj: nnx.List, c: jax.Array) -> jax.Array:
     return jax.nn.log_sigmoid(gk_proj[1](gk_proj[0](c))) / GATE_NORMALIZER
 
 
+def _pallas_gated_output(o, c, gate_logits, weight_o, weight_c, eps, out_act):
+    """:func:`vig_jax.fused.gated_norm_output`'s signature on the Pallas kernels."""
+    return pallas_gated_norm(o, c, gate_logits, weight_o, weight_c, eps=eps, act=out_act)
+
+
 class BiGLA(nnx.Module):
     """Bidirectional gated linear attention with 2-D gated locality injection.
 
@@ -70,6 +80,10 @@ class BiGLA(nnx.Module):
     [2d, d] (fused q | k | v, no bias); ``gk_proj[0]`` [16, d] (no bias) and ``gk_proj[1]``
     [d, 16] + bias (first half forward gates, second half backward); ``g_proj`` [d, d] + bias;
     ``o_proj`` [d, d] (no bias); ``g_norm``, ``l_norm`` RMSNorm weight [Dv] shared by all heads.
+
+    ``output_implementation`` picks how the gated output runs: ``"xla"`` (default,
+    :func:`vig_jax.fused.gated_norm_output`) or ``"pallas"`` (:mod:`pallas_kernels.gated_norm`;
+    needs a power-of-two ``dim / num_heads``). Same parameters and values either way.
 
     ``conv_implementation`` picks how the depthwise conv runs (:mod:`vig_jax.dwconv`):
     ``"shifted"`` (default: nine shifted products, an XLA fusion of fixed cost) or ``"cudnn"``
@@ -95,6 +109,7 @@ class BiGLA(nnx.Module):
         linear_init: Literal["xavier", "trunc_normal"] = "xavier",
         implementation: str | None = None,
         conv_implementation: str = DEFAULT_CONV,
+        output_implementation: str = DEFAULT_OUTPUT,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -105,6 +120,17 @@ class BiGLA(nnx.Module):
                 "(key_dim = dim/2 and value_dim = dim are split over the heads)"
             )
         check_conv_implementation(conv_implementation, "conv_implementation")
+        if output_implementation not in OUTPUT_IMPLEMENTATIONS:
+            raise ValueError(
+                f"output_implementation={output_implementation!r}; "
+                f"expected one of {OUTPUT_IMPLEMENTATIONS}"
+            )
+        head_v = dim // num_heads
+        if output_implementation == "pallas" and head_v & (head_v - 1):
+            raise ValueError(
+                f"output_implementation='pallas' needs a power-of-two head width; "
+                f"dim / num_heads = {head_v}"
+            )
         if linear_init not in ("xavier", "trunc_normal"):
             raise ValueError(f"linear_init={linear_init!r}; expected 'xavier' or 'trunc_normal'")
         self.dim = dim
@@ -114,6 +140,7 @@ class BiGLA(nnx.Module):
         self.out_act = out_act
         self.implementation = implementation
         self.conv_implementation = conv_implementation
+        self.output_implementation = output_implementation
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         gate_dtype = jnp.promote_types(param_dtype if dtype is None else dtype, jnp.float32)
         gate_kw = dict(dtype=gate_dtype, param_dtype=param_dtype, rngs=rngs)
@@ -150,7 +177,6 @@ class BiGLA(nnx.Module):
         )
         self.g_proj = nnx.Linear(dim, dim, kernel_init=init(dim, dim), **kw)
         self.o_proj = nnx.Linear(dim, dim, use_bias=False, kernel_init=init(dim, dim), **kw)
-        head_v = dim // num_heads
         self.g_norm = rms_norm(head_v, **kw)
         self.l_norm = rms_norm(head_v, **kw)
 
@@ -185,7 +211,8 @@ class BiGLA(nnx.Module):
             per_head(gb),
             implementation=self.implementation,
         )
-        y = fused.gated_norm_output(
+        gated_output = _pallas_gated_output if self.output_implementation == "pallas" else None
+        y = (gated_output or fused.gated_norm_output)(
             o,
             per_head(c),
             per_head(self.g_proj(c)),

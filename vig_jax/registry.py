@@ -120,8 +120,9 @@ def create_model(
       rngs: ``nnx.Rngs`` for the parameters and the ``"dropout"`` stream; default
         ``nnx.Rngs(0)``.
       **kwargs: passed on to the factory and from there to the model class, e.g.
-        ``conv_implementation`` of ViG and ViG-H (``"shifted"``, the default, or ``"cudnn"``:
-        :mod:`vig_jax.dwconv`).
+        ``conv_implementation`` of ViG and ViG-H (``"shifted"``, the default, ``"cudnn"``,
+        ``"hybrid"`` or ``"pallas"``: :mod:`vig_jax.dwconv`) and ``output_implementation``
+        (``"xla"``, the default, or ``"pallas"``: :class:`vig_jax.bigla.BiGLA`).
 
     Returns:
       The model, in NNX's default (training) mode; call ``model.eval()`` for inference.

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vig_jax.bigla import BiGLA
+from vig_jax.bigla import DEFAULT_OUTPUT, BiGLA
 from vig_jax.dwconv import DEFAULT_IMPLEMENTATION as DEFAULT_CONV
 from vig_jax.layers import (
     DropPath,
@@ -85,6 +85,7 @@ class ViGBlock(nnx.Module):
         drop_path: float,
         implementation: str | None,
         conv_implementation: str = DEFAULT_CONV,
+        output_implementation: str = DEFAULT_OUTPUT,
         dtype: Dtype | None,
         param_dtype: Dtype,
         rngs: nnx.Rngs,
@@ -99,6 +100,7 @@ class ViGBlock(nnx.Module):
             linear_init="xavier",
             implementation=implementation,
             conv_implementation=conv_implementation,
+            output_implementation=output_implementation,
             **kw,
         )
         self.mlp_norm = rms_norm(dim, **kw)
@@ -130,6 +132,7 @@ class ViG(nnx.Module):
         drop_path_rate: float | None = None,
         implementation: str | None = None,
         conv_implementation: str = DEFAULT_CONV,
+        output_implementation: str = DEFAULT_OUTPUT,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -164,6 +167,7 @@ class ViG(nnx.Module):
                     drop_path=r,
                     implementation=implementation,
                     conv_implementation=conv_implementation,
+                    output_implementation=output_implementation,
                     **kw,
                 )
                 for r in drop_path_rates(rate, config.depth)

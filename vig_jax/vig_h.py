@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vig_jax.bigla import BiGLA
+from vig_jax.bigla import DEFAULT_OUTPUT, BiGLA
 from vig_jax.dwconv import DEFAULT_IMPLEMENTATION as DEFAULT_CONV
 from vig_jax.layers import (
     DropPath,
@@ -85,6 +85,7 @@ class ViGHBlock(nnx.Module):
         drop_path: float,
         implementation: str | None,
         conv_implementation: str = DEFAULT_CONV,
+        output_implementation: str = DEFAULT_OUTPUT,
         dtype: Dtype | None,
         param_dtype: Dtype,
         rngs: nnx.Rngs,
@@ -99,6 +100,7 @@ class ViGHBlock(nnx.Module):
             linear_init="trunc_normal",
             implementation=implementation,
             conv_implementation=conv_implementation,
+            output_implementation=output_implementation,
             **kw,
         )
         self.norm2 = layer_norm(dim, **kw)
@@ -136,6 +138,7 @@ class ViGHStage(nnx.Module):
         *,
         implementation: str | None,
         conv_implementation: str = DEFAULT_CONV,
+        output_implementation: str = DEFAULT_OUTPUT,
         dtype: Dtype | None,
         param_dtype: Dtype,
         rngs: nnx.Rngs,
@@ -149,6 +152,7 @@ class ViGHStage(nnx.Module):
                     drop_path=r,
                     implementation=implementation,
                     conv_implementation=conv_implementation,
+                    output_implementation=output_implementation,
                     **kw,
                 )
                 for r in drop_paths
@@ -194,6 +198,7 @@ class ViGH(nnx.Module):
         drop_path_rate: float | None = None,
         implementation: str | None = None,
         conv_implementation: str = DEFAULT_CONV,
+        output_implementation: str = DEFAULT_OUTPUT,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -229,6 +234,7 @@ class ViGH(nnx.Module):
                     out_dim,
                     implementation=implementation,
                     conv_implementation=conv_implementation,
+                    output_implementation=output_implementation,
                     **kw,
                 )
             )
