@@ -52,16 +52,20 @@ are written to ``--out`` as they arrive; ``--max-seconds`` bounds the sweep; ``-
 units already measured. Prints a table and draws three panels (throughput, memory, FLOPs
 against resolution) with the official code's numbers (vig-reference.md section 13) marked.
 
-    # H200, NEXT SESSION: continue the committed sweep (the bf16 ViG-T / DeiT-T rows are kept,
-    # the rows skipped at the deadline are retried); one `run` call with timeout_s=600:
-    cp benchmarks/results/resolution_h200.json $OUT/ && PYTHONUNBUFFERED=1 python3 -m \
-        benchmarks.bench_resolution --resume --no-flops --max-seconds 535 \
-        --out $OUT/resolution_h200.json
-    # then copy $OUT/resolution_h200.json back to benchmarks/results/ and redraw here (which
-    # also counts the FLOPs of new rows on the CPU): --plot-only --out <that file>.
+    # NEXT SESSION (H100), one `run` call each, timeout_s=600: first the bars with the Pallas
+    # mixer kernels (224 px / b128 is the bar still missed; the defaults' run of the same
+    # command is benchmarks/results/resolution_bars_h100_cfbd9a3.json):
+    python3 -m benchmarks.bench_resolution --models vig_t,deit_t --resolutions 224,1024,2048 \
+        --dtypes bfloat16 --no-flops --max-seconds 400 --conv-impl pallas --output-impl pallas \
+        --out $OUT/resolution_bars.json
+    # then ViG-S / DeiT-S and fp32 (never measured), continuing a committed JSON:
+    cp benchmarks/results/resolution_bars_h100_cfbd9a3.json $OUT/r.json && PYTHONUNBUFFERED=1 \
+        python3 -m benchmarks.bench_resolution --resume --no-flops --max-seconds 535 \
+        --out $OUT/r.json
     # Measured on the H200 (b839a53): chunks of 6 units, ~125 s compiling (ViG train steps
     # 64-87 s each, 12 threads), ~10 s timing; 18 units (bf16 ViG-T / DeiT-T, 224-2048 px)
-    # in 504 s with the start. Left: ViG-S / DeiT-S bf16 (chunks 3-5) and fp32 (chunks 5-9).
+    # in 504 s with the start. On the H100 (cfbd9a3) the three bars and the 1024 / 2048
+    # largest-batch rows took 348 s.
     # H200, from scratch (writes JSON, PNG and the child's stderr under $OUT):
     PYTHONUNBUFFERED=1 python3 -m benchmarks.bench_resolution --max-seconds 535 --no-flops \
         --out $OUT/resolution_h200.json
