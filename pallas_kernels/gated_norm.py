@@ -2,8 +2,9 @@
 
 Per head (last axis ``Dv``, weights shared by all heads)::
 
+    RMSNorm(x) = x / sqrt(mean(x^2) + eps)
     s = sigmoid(z)
-    y = s * RMSNorm(o) * w_o + (1 - s) * RMSNorm(c) * w_c    (RMSNorm(x) = x / rms(x, eps))
+    y = s * RMSNorm(o) * w_o + (1 - s) * RMSNorm(c) * w_c
     out = silu(y) if act else y
 
 :func:`gated_norm` flattens every leading axis and the heads into rows ([R, Dv]) and runs one
@@ -14,8 +15,8 @@ the three inputs and the weights. Arithmetic is fp32; outputs are in the inputs'
 
 Why a kernel: XLA on the H100 split this expression's backward into several fusions, with the
 two weight gradients as a slow two-stage column reduction over R = 75,264 rows (ViG-T, 224 px,
-batch 128: ~1.7 ms per training step forward + backward on the H100,
-``benchmarks/results/profile_step_h100.json``).
+batch 128: ~2.4 ms of kernels per training step, forward and backward, on the H100 by
+``benchmarks/attribute_profile.py`` over ``benchmarks/results/profile_step_h100.json``).
 Not timed yet as a kernel; ``vig_jax.bigla.BiGLA(output_implementation="pallas")`` uses it.
 
 ``reference`` is the plain formula (autodiff gradients), which the tests compare with.
