@@ -132,7 +132,7 @@ def run_one(args, model: str) -> dict:
         "dtype": args.dtype,
         "implementation": args.implementation,
         "conv_implementation": config.model.conv_implementation,
-        "output_implementation": config.model.get("output_implementation"),
+        "output_implementation": config.model.output_implementation,
         "param_sharding": args.param_sharding,
         "bare": args.bare,
         "median_step_ms": 1e3 * median,

@@ -104,7 +104,7 @@ def profile_model(model: str, args) -> dict:
         "dtype": args.dtype,
         "bare": not args.full,
         "conv_implementation": config.model.conv_implementation,
-        "output_implementation": config.model.get("output_implementation"),
+        "output_implementation": config.model.output_implementation,
         "kernel_ms": total,
         "wall_step_ms": wall_ms,
         "img_per_s_wall": args.batch / (wall_ms * 1e-3),

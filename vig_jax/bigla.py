@@ -211,8 +211,9 @@ class BiGLA(nnx.Module):
             per_head(gb),
             implementation=self.implementation,
         )
-        gated_output = _pallas_gated_output if self.output_implementation == "pallas" else None
-        y = (gated_output or fused.gated_norm_output)(
+        pallas = self.output_implementation == "pallas"
+        gated_output = _pallas_gated_output if pallas else fused.gated_norm_output
+        y = gated_output(
             o,
             per_head(c),
             per_head(self.g_proj(c)),
