@@ -13,9 +13,10 @@ On a token grid u [B, h, w, d] (vig-reference.md section 2.4)::
 The op itself is :func:`pallas_kernels.bigla` (token-major ``[B, N, H, D]``); the module only
 builds its inputs. Raster order (row-major over (h, w)) is the forward scan direction.
 
-Mixed precision: the projections run in ``dtype``; the gate path (``gk_proj``, logsigmoid) runs
-in at least fp32; the gated output (both RMSNorms, the sigmoid gate, SiLU) is one fp32
-expression with a hand-written gradient, :func:`vig_jax.fused.gated_norm_output`.
+Mixed precision: the projections run in ``dtype``; the gate path runs in at least fp32 from the
+first low-rank product's sums on (that product takes ``c`` in ``dtype``); the gated output (both
+RMSNorms, the sigmoid gate, SiLU) is one fp32 expression with a hand-written gradient,
+:func:`vig_jax.fused.gated_norm_output` (or the Pallas kernels of ``output_implementation``).
 """
 
 from __future__ import annotations
@@ -60,8 +61,12 @@ def _conv_act(conv: nnx.Conv, u: jax.Array, act: bool, implementation: str) -> j
 def _log_gates(gk_proj: nnx.List, c: jax.Array) -> jax.Array:
     """``logsigmoid(gk_proj[1](gk_proj[0](c))) / 16`` [B, N, d] in the gate dtype (>= fp32).
 
+    ``gk_proj[0]`` multiplies ``c`` and its kernel in the compute dtype with fp32 sums and an fp32
+    result (no fp32 copy of ``c``; under the official bf16 autocast both products and the
+    logsigmoid run in bf16); ``gk_proj[1]`` and the logsigmoid run in the gate dtype.
+
     Called rematerialised: the backward pass recomputes the two small products (d -> 16 -> d)
-    from ``c`` instead of keeping the fp32 copy of ``c`` and the fp32 gate logits. The first
+    from ``c`` instead of keeping the fp32 gate logits. The first
     half of the last axis is the forward direction's gates, the second half the backward's.
     """
     return jax.nn.log_sigmoid(gk_proj[1](gk_proj[0](c))) / GATE_NORMALIZER
@@ -165,12 +170,13 @@ class BiGLA(nnx.Module):
         )
         self.gk_proj = nnx.List(
             [
-                nnx.Linear(
+                nnx.Linear(  # inputs in the compute dtype (as the official autocast), fp32 sums
                     dim,
                     GATE_LOW_RANK,
                     use_bias=False,
                     kernel_init=init(dim, GATE_LOW_RANK),
-                    **gate_kw,
+                    preferred_element_type=gate_dtype,
+                    **kw,
                 ),
                 nnx.Linear(GATE_LOW_RANK, dim, kernel_init=init(GATE_LOW_RANK, dim), **gate_kw),
             ]
