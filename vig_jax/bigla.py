@@ -10,8 +10,10 @@ On a token grid u [B, h, w, d] (vig-reference.md section 2.4)::
     y      = G * RMSNorm_g(o) + (1 - G) * RMSNorm_l(c)                    per head over Dv = d/H
     out    = o_proj(act_out(y))                     act_out = SiLU for ViG-T, else identity
 
-The op itself is :func:`pallas_kernels.bigla` (token-major ``[B, N, H, D]``); the module only
-builds its inputs. Raster order (row-major over (h, w)) is the forward scan direction.
+The op itself is :func:`pallas_kernels.bigla_packed` (:func:`pallas_kernels.bigla` on the fused
+``q | k | v`` product and the ``forward | backward`` gates, which its Triton kernels read in place);
+the module only builds its inputs. Raster order (row-major over (h, w)) is the forward scan
+direction.
 
 Mixed precision: the projections run in ``dtype``; the gate path runs in at least fp32 from the
 first low-rank product's sums on (that product takes ``c`` in ``dtype``); the gated output (both
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels import bigla as bigla_op
+from pallas_kernels import bigla_packed
 from pallas_kernels.gated_norm import gated_norm as pallas_gated_norm
 from vig_jax import fused
 from vig_jax.dwconv import DEFAULT_IMPLEMENTATION as DEFAULT_CONV
@@ -202,21 +204,14 @@ class BiGLA(nnx.Module):
             conv_act = nnx.remat(_conv_act, static_argnums=(2, 3))
         c = conv_act(self.in_proj, u, self.conv_act, self.conv_implementation)
         c = c.reshape(b, n, d)
-        q, k, v = jnp.split(self.qkv_proj(c), [self.key_dim, 2 * self.key_dim], axis=-1)
         log_gates = nnx.remat(_log_gates)(self.gk_proj, c)
-        gf, gb = jnp.split(log_gates, 2, axis=-1)
+        o = bigla_packed(  # q | k | v and forward | backward gates, read in place
+            self.qkv_proj(c), log_gates, num_heads=heads, implementation=self.implementation
+        )
 
         def per_head(x):  # [B, N, H*D] -> [B, N, H, D]
             return x.reshape(b, n, heads, -1)
 
-        o = bigla_op(
-            per_head(q),
-            per_head(k),
-            per_head(v),
-            per_head(gf),
-            per_head(gb),
-            implementation=self.implementation,
-        )
         pallas = self.output_implementation == "pallas"
         gated_output = _pallas_gated_output if pallas else fused.gated_norm_output
         y = gated_output(

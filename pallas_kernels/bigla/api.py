@@ -33,10 +33,10 @@ def _load(name: str) -> Callable | None:
             from pallas_kernels.bigla import xla
 
             return xla.bigla_xla
-        if name == "triton":
+        if name in ("triton", "triton_packed"):
             from pallas_kernels.bigla import triton
 
-            return triton.bigla_triton
+            return triton.bigla_triton if name == "triton" else triton.bigla_triton_packed
         if name == "mosaic":
             from pallas_kernels.bigla import mosaic
 
@@ -132,13 +132,80 @@ def bigla(
             f"{jax.default_backend()!r}; available here: {available}"
         )
     fn = functools.partial(_load(implementation), scale=scale, **options)
-    axes = _batch_mesh_axes(q)
-    if axes:
-        # Each device runs the op on its own batch shard: a Pallas call has no sharding rule of
-        # its own, and the op never mixes batch elements.
-        spec = jax.sharding.PartitionSpec(axes)
-        fn = jax.shard_map(fn, in_specs=(spec,) * 5, out_specs=spec, check_vma=False)
-    return fn(q, k, v, log_gate_fwd, log_gate_bwd)
+    return _per_batch_shard(fn, q, 5)(q, k, v, log_gate_fwd, log_gate_bwd)
+
+
+def bigla_packed(
+    qkv: jax.Array,
+    log_gates: jax.Array,
+    *,
+    num_heads: int,
+    scale: float | None = None,
+    implementation: str | None = None,
+    **options,
+) -> jax.Array:
+    """:func:`bigla` on fused projections, as a model computes them with one product each.
+
+    Args:
+      qkv: [B, N, 2K + V] = [q | k | v], each head-major: q's head h is columns
+        [h K/H, (h+1) K/H), k's and v's likewise.
+      log_gates: [B, N, 2K] = [log_gate_fwd | log_gate_bwd], head-major like q.
+      num_heads: H (K and V multiples of it).
+      scale, implementation, options: as :func:`bigla`.
+
+    Returns:
+      [B, N, H, V/H], equal to ``bigla`` on the split arrays. The "triton" implementation
+      reads the operands in place (:func:`pallas_kernels.bigla.triton.bigla_triton_packed`);
+      the others split.
+    """
+    if qkv.ndim != 3 or log_gates.ndim != 3 or log_gates.shape[:2] != qkv.shape[:2]:
+        raise ValueError(
+            f"qkv {qkv.shape} and log_gates {log_gates.shape}; expected [B, N, 2K + V] and "
+            "[B, N, 2K] with the same B, N"
+        )
+    b, n, width = qkv.shape
+    key_dim = log_gates.shape[-1] // 2
+    value_dim = width - 2 * key_dim
+    if log_gates.shape[-1] % 2 or value_dim <= 0 or key_dim % num_heads or value_dim % num_heads:
+        raise ValueError(
+            f"qkv width {width} and log_gates width {log_gates.shape[-1]} do not split over "
+            f"num_heads={num_heads}: expected gates [2K], qkv [2K + V], K and V positive "
+            "multiples of num_heads"
+        )
+    implementation = implementation or default_implementation()
+    if implementation != "triton":
+        heads = lambda x: x.reshape(b, n, num_heads, -1)
+        q, k, v = jnp.split(qkv, [key_dim, 2 * key_dim], axis=-1)
+        gf, gb = jnp.split(log_gates, 2, axis=-1)
+        return bigla(
+            *map(heads, (q, k, v, gf, gb)),
+            scale=scale,
+            implementation=implementation,
+            **options,
+        )
+    for name, x in (("qkv", qkv), ("log_gates", log_gates)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} has dtype {x.dtype}; expected a floating dtype")
+    interpret = options.get("interpret", False)
+    if "triton" not in available_implementations("gpu" if interpret else None):
+        raise ValueError(
+            f"implementation='triton' cannot run on backend {jax.default_backend()!r}; "
+            f"available here: {available_implementations()}"
+        )
+    fn = functools.partial(_load("triton_packed"), num_heads=num_heads, scale=scale, **options)
+    return _per_batch_shard(fn, qkv, 2)(qkv, log_gates)
+
+
+def _per_batch_shard(fn: Callable, x: jax.Array, n_args: int) -> Callable:
+    """``fn`` run per batch shard under a mesh that shards x's batch dimension, else ``fn``.
+
+    Each device runs the op on its own batch shard: a Pallas call has no sharding rule of its
+    own, and the op never mixes batch elements."""
+    axes = _batch_mesh_axes(x)
+    if not axes:
+        return fn
+    spec = jax.sharding.PartitionSpec(axes)
+    return jax.shard_map(fn, in_specs=(spec,) * n_args, out_specs=spec, check_vma=False)
 
 
 BATCH_AXIS_NAMES = ("data", "batch", "dp", "fsdp")

@@ -181,6 +181,11 @@ class _Dims:
     precision: lax.Precision | lax.DotAlgorithmPreset
     unroll: bool = False  # Config.unroll_rows
     diag: str = "loop"  # Config.diag
+    heads: int = 1
+    # Head-axis offsets of q, k, v, gf, gb in the arrays the kernels read: all 0 for separate
+    # [B, N, H, D] arrays; for packed projections (bigla_triton_packed) the same array is read
+    # at the head block where each operand starts.
+    offsets: tuple[int, ...] = (0, 0, 0, 0, 0)
 
     @property
     def subs(self) -> int:
@@ -203,8 +208,11 @@ def _next_pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
 
-def _dims(q, v, scale, config: Config, interpret: bool) -> _Dims:
+def _dims(
+    q, v, scale, config: Config, interpret: bool, heads=None, offsets=(0, 0, 0, 0, 0)
+) -> _Dims:
     b, n, h, dk = q.shape
+    h = h if heads is None else heads
     dv = v.shape[-1]
     low = jnp.finfo(jnp.result_type(q.dtype, v.dtype)).bits < 32
     bt = min(config.chunk, max(SUB, _next_pow2(n)))
@@ -237,6 +245,8 @@ def _dims(q, v, scale, config: Config, interpret: bool) -> _Dims:
         precision=precision,
         unroll=bool(config.unroll_rows),
         diag=config.diag,
+        heads=h,
+        offsets=tuple(offsets),
     )
 
 
@@ -881,9 +891,16 @@ def _backward_dkv_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _seq_spec(dims: _Dims, d: int) -> pl.BlockSpec:
-    """One (b, h) of a token-major [B, N, H, D] array, the whole (padded) sequence."""
-    return pl.BlockSpec((None, dims.n_pad, None, d), lambda b, h, s: (b, 0, h, 0))
+def _seq_spec(dims: _Dims, d: int, offset: int = 0) -> pl.BlockSpec:
+    """One (b, h) of a token-major [B, N, H', D] array, the whole (padded) sequence; head h is
+    read at index ``offset + h`` of the head axis."""
+    return pl.BlockSpec((None, dims.n_pad, None, d), lambda b, h, s: (b, 0, offset + h, 0))
+
+
+def _input_specs(args, dims: _Dims) -> list[pl.BlockSpec]:
+    """Specs of (q, k, v, gf, gb[, do]) at their head offsets (``do`` is never packed)."""
+    offsets = dims.offsets + (0,) * (len(args) - len(dims.offsets))
+    return [_seq_spec(dims, x.shape[-1], off) for x, off in zip(args, offsets, strict=True)]
 
 
 def _per_bh_spec(rows: int, *tail: int) -> pl.BlockSpec:
@@ -925,7 +942,7 @@ def _carries(args, dims: _Dims, config: Config, interpret: bool, names: tuple[st
       :func:`_add_incoming`; with 2: a summary pass, the fold, then a pass that starts every
       segment from its incoming carries and stores complete ones.
     """
-    b, _, h, _ = args[0].shape
+    b, h = args[0].shape[0], dims.heads
     n = len(names)
     grads = any(name in _GRADS for name in names)
     carry = jax.ShapeDtypeStruct((b, h, dims.nc_pad, dims.dk, dims.dv), dims.dot_dtype)
@@ -941,7 +958,7 @@ def _carries(args, dims: _Dims, config: Config, interpret: bool, names: tuple[st
             functools.partial(_states_kernel, dims=dims, names=names, mode=mode),
             out_shape=out_shape,
             grid=(b, h, dims.ns),
-            in_specs=[_seq_spec(dims, x.shape[-1]) for x in args] + list(extra_specs),
+            in_specs=_input_specs(args, dims) + list(extra_specs),
             out_specs=out_specs,
             compiler_params=_state_params(config),
             interpret=interpret,
@@ -1000,7 +1017,7 @@ def _carry_specs(carries, dims: _Dims):
 def _forward(q, k, v, gf, gb, dims: _Dims, config: Config, interpret: bool, scores=False):
     """Output [B, N, H, Dv], the state carries [h_f, h_b] of :func:`_carries` and, with
     ``scores``, the chunks' score matrices [B, H, NC_pad, BT, BT] in the dot dtype (else None)."""
-    b, _, h, _ = q.shape
+    b, h = q.shape[0], dims.heads
     args = (q, k, v, gf, gb)
     carries = _carries(args, dims, config, interpret, _STATES)
     out_shape = [jax.ShapeDtypeStruct((b, dims.n, h, dims.dv), v.dtype)]
@@ -1013,7 +1030,7 @@ def _forward(q, k, v, gf, gb, dims: _Dims, config: Config, interpret: bool, scor
         _chunk_kernel(functools.partial(_forward_kernel, dims=dims, scores=scores), dims),
         out_shape=out_shape,
         grid=(b, h, dims.nc),
-        in_specs=[_seq_spec(dims, x.shape[-1]) for x in args] + _carry_specs(carries, dims),
+        in_specs=_input_specs(args, dims) + _carry_specs(carries, dims),
         out_specs=out_specs,
         compiler_params=_params(config.num_warps, config.num_stages),
         interpret=interpret,
@@ -1028,7 +1045,7 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool,
     ``saved``: None (states recomputed) or (the forward's state carries, its score matrices
     or None).
     """
-    b, _, h, _ = q.shape
+    b, h = q.shape[0], dims.heads
     args = (q, k, v, gf, gb, do)
     scores = None
     if saved is None:
@@ -1038,11 +1055,12 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool,
         scores = saved[1]
     score_args = [] if scores is None else [scores]
     score_specs = [] if scores is None else [_per_bh_spec(dims.nc_pad, dims.bt, dims.bt)]
-    seq_specs = [_seq_spec(dims, x.shape[-1]) for x in args]
-    f32_like = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    seq_specs = _input_specs(args, dims)
+    key_shape = (b, dims.n, h, dims.dk)  # of each gradient, also when the inputs are packed
+    per_key = lambda dtype: jax.ShapeDtypeStruct(key_shape, dtype)
     dq, qdq_f, qdq_b = pl.pallas_call(
         _chunk_kernel(functools.partial(_backward_dq_kernel, dims=dims), dims),
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), f32_like(q), f32_like(q)],
+        out_shape=[per_key(q.dtype), per_key(jnp.float32), per_key(jnp.float32)],
         grid=(b, h, dims.nc),
         in_specs=seq_specs + _carry_specs(carries[:2], dims),
         out_specs=[_seq_spec(dims, dims.dk)] * 3,
@@ -1056,17 +1074,17 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool,
             functools.partial(_backward_dkv_kernel, dims=dims, scores=scores is not None), dims
         ),
         out_shape=[
-            jax.ShapeDtypeStruct(k.shape, k.dtype),
-            jax.ShapeDtypeStruct(v.shape, v.dtype),
-            f32_like(gf),
-            f32_like(gb),
+            per_key(k.dtype),
+            jax.ShapeDtypeStruct((b, dims.n, h, dims.dv), v.dtype),
+            per_key(jnp.float32),
+            per_key(jnp.float32),
         ],
         grid=(b, h, dims.nc),
         in_specs=seq_specs
         + [_seq_spec(dims, dims.dk)] * 2
         + score_specs
         + _carry_specs(carries, dims),
-        out_specs=[_seq_spec(dims, x.shape[-1]) for x in (k, v, gf, gb)],
+        out_specs=[_seq_spec(dims, d) for d in (dims.dk, dims.dv, dims.dk, dims.dk)],
         input_output_aliases={n_in - 2: 2, n_in - 1: 3},  # q*dq buffers become dgf, dgb
         compiler_params=_params(config.num_warps, config.num_stages),
         interpret=interpret,
@@ -1096,11 +1114,67 @@ def _bigla_bwd(dims, config, interpret, residuals, do):
     inputs, saved = residuals
     config = config.backward()
     if saved is None:
-        dims = _dims(inputs[0], inputs[2], dims.scale, config, interpret)
+        dims = _backward_dims(inputs, dims, config, interpret)
     return _backward(*inputs, do, dims, config, interpret, saved)
 
 
+def _backward_dims(inputs, dims: _Dims, config: Config, interpret: bool) -> _Dims:
+    """The backward's sizes when it recomputes the states with its own chunk."""
+    return _dims(inputs[0], inputs[2], dims.scale, config, interpret, dims.heads, dims.offsets)
+
+
 _bigla.defvjp(_bigla_fwd, _bigla_bwd)
+
+
+def _packed_views(qkv, gates, dims: _Dims):
+    """(q, k, v, gf, gb) as the kernels read them from the packed arrays: qkv [B, N, 2K + V]
+    as [B, N, (2K + V)/Dk, Dk] for q and k and as [B, N, (2K + V)/Dv, Dv] for v, the gates
+    [B, N, 2K] as [B, N, 2K/Dk, Dk]; ``dims.offsets`` say where each operand's heads start."""
+    b, n, width = qkv.shape
+    qk = qkv.reshape(b, n, width // dims.dk, dims.dk)
+    v = qkv.reshape(b, n, width // dims.dv, dims.dv)
+    g = gates.reshape(b, n, gates.shape[-1] // dims.dk, dims.dk)
+    return qk, qk, v, g, g
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _bigla_packed(qkv, gates, dims: _Dims, config: Config, interpret: bool):
+    return _forward(*_packed_views(qkv, gates, dims), dims, config, interpret)[0]
+
+
+def _bigla_packed_fwd(qkv, gates, dims, config, interpret):
+    keep = _keeps_states(dims, config)
+    scores = keep and config.save_scores
+    views = _packed_views(qkv, gates, dims)
+    o, carries, a = _forward(*views, dims, config, interpret, scores)
+    return o, ((qkv, gates), (carries, a) if keep else None)
+
+
+def _bigla_packed_bwd(dims, config, interpret, residuals, do):
+    (qkv, gates), saved = residuals
+    config = config.backward()
+    views = _packed_views(qkv, gates, dims)
+    if saved is None:
+        dims = _backward_dims(views, dims, config, interpret)
+    dq, dk, dv, dgf, dgb = _backward(*views, do, dims, config, interpret, saved)
+    flat = lambda x: x.reshape(*x.shape[:2], -1)
+    dqkv = jnp.concatenate([flat(dq), flat(dk), flat(dv)], axis=-1)
+    dgates = jnp.concatenate([flat(dgf), flat(dgb)], axis=-1).astype(gates.dtype)
+    return dqkv, dgates
+
+
+_bigla_packed.defvjp(_bigla_packed_fwd, _bigla_packed_bwd)
+
+
+def packs(key_dim: int, value_dim: int, num_heads: int) -> bool:
+    """Whether :func:`bigla_triton_packed` reads these sizes in place (else it splits): head
+    widths Dk = key_dim / H and Dv = value_dim / H powers of two >= 16, and the values starting
+    on a Dv boundary of the packed row (2 key_dim divisible by Dv)."""
+    if key_dim % num_heads or value_dim % num_heads:
+        return False
+    dk, dv = key_dim // num_heads, value_dim // num_heads
+    pow2 = lambda x: x >= SUB and not x & (x - 1)
+    return pow2(dk) and pow2(dv) and (2 * key_dim) % dv == 0
 
 
 def _pad_last(x, size):
@@ -1153,4 +1227,61 @@ def bigla_triton(
     return o[..., :dv]
 
 
-__all__ = ["Config", "bigla_triton"]
+def bigla_triton_packed(
+    qkv: jax.Array,
+    log_gates: jax.Array,
+    *,
+    num_heads: int,
+    scale: float | None = None,
+    interpret: bool = False,
+    config: Config | None = None,
+) -> jax.Array:
+    """:func:`bigla_triton` on fused projections, read in place.
+
+    A model that projects q, k and v with one matrix product would otherwise copy three
+    slices of the product (and two of the gates) into separate arrays for the kernels, and
+    back into one for the product's gradient; here the kernels read each operand's heads
+    from the packed arrays, and the gradients come back packed the same way.
+
+    Args:
+      qkv: [B, N, 2K + V] = [q | k | v], each head-major (head h of q is columns
+        [h Dk, (h+1) Dk)), with Dk = K / H and Dv = V / H.
+      log_gates: [B, N, 2K] = [gf | gb], head-major like q; used in fp32.
+      num_heads: H.
+      scale, interpret, config: as :func:`bigla_triton`.
+
+    Returns:
+      [B, N, H, Dv] in qkv's dtype. Sizes that :func:`packs` rejects run through split copies.
+    """
+    config = Config() if config is None else config
+    b, n, width = qkv.shape
+    if log_gates.ndim != 3 or log_gates.shape[:2] != (b, n) or log_gates.shape[-1] % 2:
+        raise ValueError(
+            f"log_gates has shape {log_gates.shape}; expected [B, N, 2K] = [{b}, {n}, 2K]"
+        )
+    key_dim = log_gates.shape[-1] // 2
+    value_dim = width - 2 * key_dim
+    if value_dim <= 0 or key_dim % num_heads or value_dim % num_heads:
+        raise ValueError(
+            f"qkv width {width} and gate width {2 * key_dim} do not split into q, k [K] and "
+            f"v [V] over num_heads={num_heads}: expected K = {key_dim} and V = width - 2K "
+            "both positive multiples of num_heads"
+        )
+    gates = log_gates.astype(jnp.float32)
+    if not packs(key_dim, value_dim, num_heads) or n == 0:
+        heads = lambda x: x.reshape(b, n, num_heads, -1)
+        q, k, v = jnp.split(qkv, [key_dim, 2 * key_dim], axis=-1)
+        gf, gb = jnp.split(gates, 2, axis=-1)
+        return bigla_triton(
+            *map(heads, (q, k, v, gf, gb)), scale=scale, interpret=interpret, config=config
+        )
+    dk, dv = key_dim // num_heads, value_dim // num_heads
+    scale = dk**-0.5 if scale is None else scale
+    q_view = qkv.reshape(b, n, width // dk, dk)
+    v_view = qkv.reshape(b, n, width // dv, dv)
+    offsets = (0, num_heads, 2 * key_dim // dv, 0, num_heads)
+    dims = _dims(q_view, v_view, scale, config, interpret, num_heads, offsets)
+    return _bigla_packed(qkv, gates, dims, config, interpret)
+
+
+__all__ = ["Config", "bigla_triton", "bigla_triton_packed", "packs"]
