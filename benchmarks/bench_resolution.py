@@ -399,8 +399,8 @@ class _Model:
 
         from pallas_kernels.bigla import api as bigla_api
         from vig_jax import create_model, deit
-        from vig_jax.bigla import DEFAULT_OUTPUT
-        from vig_jax.dwconv import DEFAULT_IMPLEMENTATION as DEFAULT_CONV
+        from vig_jax.bigla import default_output_implementation
+        from vig_jax.dwconv import default_implementation as default_conv
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}; expected one of {DTYPES}")
@@ -412,8 +412,9 @@ class _Model:
         else:
             self.impl = attention_impl or deit.default_attention_implementation(self.compute_dtype)
         # ViG only: the depthwise conv's implementation, the model's default unless given.
-        self.conv_impl = (conv_impl or DEFAULT_CONV) if model.startswith("vig") else None
-        self.output_impl = (output_impl or DEFAULT_OUTPUT) if model.startswith("vig") else None
+        vig = model.startswith("vig")
+        self.conv_impl = (conv_impl or default_conv()) if vig else None
+        self.output_impl = (output_impl or default_output_implementation()) if vig else None
         self.create_model = create_model
         self.tx = optax.adamw(1e-3, weight_decay=0.05)
 
@@ -1674,9 +1675,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--conv-impl",
         default=None,
-        help="ViG depthwise conv (vig_jax.dwconv.IMPLEMENTATIONS; default: DEFAULT_IMPLEMENTATION)",
+        help="ViG depthwise conv (vig_jax.dwconv.IMPLEMENTATIONS; default: pallas on a GPU)",
     )
-    p.add_argument("--output-impl", default=None, help="ViG gated output: xla (default) | pallas")
+    p.add_argument("--output-impl", default=None, help="ViG gated output: xla | pallas (GPU)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=20, help="most timed steps per measurement")
     p.add_argument("--measure-seconds", type=float, default=1.0)

@@ -53,11 +53,13 @@ def bench_config(
     config.model.dtype = dtype
     config.model.implementation = implementation
     if model.startswith("vig"):  # ViG / ViG-H only; resolved, so that rows record it
-        from vig_jax.bigla import DEFAULT_OUTPUT
-        from vig_jax.dwconv import DEFAULT_IMPLEMENTATION
+        from vig_jax.bigla import default_output_implementation
+        from vig_jax.dwconv import default_implementation
 
-        config.model.conv_implementation = conv_implementation or DEFAULT_IMPLEMENTATION
-        config.model.output_implementation = output_implementation or DEFAULT_OUTPUT
+        config.model.conv_implementation = conv_implementation or default_implementation()
+        config.model.output_implementation = (
+            output_implementation or default_output_implementation()
+        )
     config.model.patch_size = patch_size
     config.param_sharding = param_sharding
     config.total_steps = 10_000
@@ -157,10 +159,10 @@ def main() -> None:
     parser.add_argument(
         "--conv-implementation",
         default=None,
-        help="ViG depthwise conv: shifted | cudnn | hybrid | pallas",
+        help="ViG depthwise conv: shifted | cudnn | hybrid | pallas (default on a GPU)",
     )
     parser.add_argument(
-        "--output-implementation", default=None, help="ViG gated output: xla | pallas"
+        "--output-implementation", default=None, help="ViG gated output: xla | pallas (GPU)"
     )
     parser.add_argument("--param-sharding", default="replicated")
     parser.add_argument(

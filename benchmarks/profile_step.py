@@ -128,10 +128,10 @@ def main() -> None:
     parser.add_argument(
         "--conv-implementation",
         default=None,
-        help="ViG depthwise conv: shifted | cudnn | hybrid | pallas",
+        help="ViG depthwise conv: shifted | cudnn | hybrid | pallas (default on a GPU)",
     )
     parser.add_argument(
-        "--output-implementation", default=None, help="ViG gated output: xla | pallas"
+        "--output-implementation", default=None, help="ViG gated output: xla | pallas (GPU)"
     )
     args = parser.parse_args()
     rows = [profile_model(m, args) for m in args.models.split(",")]

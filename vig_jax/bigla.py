@@ -32,8 +32,8 @@ from flax import nnx
 from pallas_kernels import bigla_packed
 from pallas_kernels.gated_norm import gated_norm as pallas_gated_norm
 from vig_jax import fused
-from vig_jax.dwconv import DEFAULT_IMPLEMENTATION as DEFAULT_CONV
 from vig_jax.dwconv import check_implementation as check_conv_implementation
+from vig_jax.dwconv import default_implementation as default_conv_implementation
 from vig_jax.dwconv import depthwise_conv3x3
 from vig_jax.layers import (
     Dtype,
@@ -42,12 +42,18 @@ from vig_jax.layers import (
     xavier_uniform_torch,
 )
 
-# How the gated output runs: "xla" (vig_jax.fused, the default until the kernel is timed in the
-# training step) or "pallas" (pallas_kernels.gated_norm: one forward and one backward kernel).
+# How the gated output runs: "xla" (vig_jax.fused) or "pallas" (pallas_kernels.gated_norm: one
+# forward and one backward kernel; the default on a GPU).
 OUTPUT_IMPLEMENTATIONS = ("xla", "pallas")
-DEFAULT_OUTPUT = "xla"
 GATE_LOW_RANK = 16  # gate_low_rank_dim
 GATE_NORMALIZER = 16.0  # gate_logit_normalizer
+
+
+def default_output_implementation(head_width: int = 64, backend: str | None = None) -> str:
+    """``"pallas"`` on a GPU where the head width is a power of two (the kernels' tile), else
+    ``"xla"``."""
+    gpu = (backend or jax.default_backend()) == "gpu"
+    return "pallas" if gpu and head_width & (head_width - 1) == 0 else "xla"
 
 
 def _conv_act(conv: nnx.Conv, u: jax.Array, act: bool, implementation: str) -> jax.Array:
@@ -88,15 +94,20 @@ class BiGLA(nnx.Module):
     [d, 16] + bias (first half forward gates, second half backward); ``g_proj`` [d, d] + bias;
     ``o_proj`` [d, d] (no bias); ``g_norm``, ``l_norm`` RMSNorm weight [Dv] shared by all heads.
 
-    ``output_implementation`` picks how the gated output runs: ``"xla"`` (default,
-    :func:`vig_jax.fused.gated_norm_output`) or ``"pallas"`` (:mod:`pallas_kernels.gated_norm`;
-    needs a power-of-two ``dim / num_heads``). Same parameters and values either way.
+    ``output_implementation`` picks how the gated output runs: ``"xla"``
+    (:func:`vig_jax.fused.gated_norm_output`) or ``"pallas"`` (:mod:`pallas_kernels.gated_norm`;
+    needs a power-of-two ``dim / num_heads``); None: :func:`default_output_implementation`
+    ("pallas" on a GPU). Same parameters and values either way.
 
     ``conv_implementation`` picks how the depthwise conv runs (:mod:`vig_jax.dwconv`):
-    ``"shifted"`` (default: nine shifted products, an XLA fusion of fixed cost) or ``"cudnn"``
-    (``lax.conv`` as ``nnx.Conv`` runs it: faster when cuDNN's per-compilation pick is good;
+    ``"pallas"`` (Triton kernels with the SiLU fused; the default on a GPU), ``"shifted"``
+    (nine shifted products, an XLA fusion of fixed cost; the default elsewhere) or ``"cudnn"``
+    (``lax.conv`` as ``nnx.Conv`` runs it: fast when cuDNN's per-compilation pick is good;
     one H200 compile of the ViG-T training step picked a kernel that took 9.4 of its 25 ms).
-    Same parameters either way.
+    Same parameters either way. On the H100 the two Pallas defaults took the ViG-T training
+    step (224 px, batch 128, bf16) from 16.94 to 14.69 ms of kernels, together with
+    :func:`pallas_kernels.bigla_packed` and the compute-dtype gate product
+    (``benchmarks/results/profile_step_h100.json``).
 
     Init (``linear_init``):
       * ``"xavier"`` (plain ViG, ``reset_parameters``): xavier_uniform(gain 2^-2.5) with the
@@ -115,8 +126,8 @@ class BiGLA(nnx.Module):
         out_act: bool,
         linear_init: Literal["xavier", "trunc_normal"] = "xavier",
         implementation: str | None = None,
-        conv_implementation: str = DEFAULT_CONV,
-        output_implementation: str = DEFAULT_OUTPUT,
+        conv_implementation: str | None = None,
+        output_implementation: str | None = None,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -126,13 +137,15 @@ class BiGLA(nnx.Module):
                 f"dim={dim} must be divisible by 2 * num_heads={2 * num_heads} "
                 "(key_dim = dim/2 and value_dim = dim are split over the heads)"
             )
+        head_v = dim // num_heads
+        conv_implementation = conv_implementation or default_conv_implementation()
+        output_implementation = output_implementation or default_output_implementation(head_v)
         check_conv_implementation(conv_implementation, "conv_implementation")
         if output_implementation not in OUTPUT_IMPLEMENTATIONS:
             raise ValueError(
                 f"output_implementation={output_implementation!r}; "
                 f"expected one of {OUTPUT_IMPLEMENTATIONS}"
             )
-        head_v = dim // num_heads
         if output_implementation == "pallas" and head_v & (head_v - 1):
             raise ValueError(
                 f"output_implementation='pallas' needs a power-of-two head width; "

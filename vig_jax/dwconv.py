@@ -8,8 +8,11 @@ in convolutions in every profile on the H100, but 10.2 of 25.0 ms in one compile
 (``benchmarks/results/profile_step_h200.json``). Written as nine shifted multiply-adds the
 convolution is an elementwise XLA fusion whose cost does not depend on an autotuner:
 
-* ``"shifted"`` (default): the forward as nine shifted products (sums in >= fp32), gradients
-  by autodiff (``dx`` the same nine products of ``dy``, ``dw`` nine reductions that XLA fuses);
+* ``"pallas"`` (default on a GPU): :func:`pallas_kernels.dwconv.dwconv3x3`, Triton kernels
+  with the SiLU fused and a backward that keeps only the input;
+* ``"shifted"`` (default elsewhere): the forward as nine shifted products (sums in >= fp32),
+  gradients by autodiff (``dx`` the same nine products of ``dy``, ``dw`` nine reductions that
+  XLA fuses);
 * ``"cudnn"``: ``lax.conv_general_dilated`` with ``feature_group_count = C`` (what
   ``nnx.Conv`` runs).
 
@@ -26,8 +29,9 @@ On the H100 (``benchmarks/results/dwconv_h100.json``, one compile, bf16 fwd+bwd)
 [128, 14, 14, 192]: shifted 0.166 ms, "pallas" 0.067, cuDNN 0.049; at [8, 64, 64, 192]: 0.208,
 0.073, 0.056. In the ViG-T step (``benchmarks.profile_step``) "pallas" cut the kernel time from
 16.94 to 15.63 ms, but that run's kernels stored a ragged last tile unmasked (wrong values at
-196 tokens; fixed in 0d34fe6, not re-timed) and its wall time was not lower (19.80 vs 19.15 ms),
-so "shifted" stays the default until the fixed kernel is timed in the step.
+196 tokens; fixed in 0d34fe6). The fixed kernels pass their tests on the H100, and with them
+(and the Pallas gated output) the step took 14.69 ms of kernels and 17.39 ms wall, so "pallas"
+is the GPU default (``benchmarks/results/profile_step_h100.json``).
 
 ``benchmarks/bench_dwconv.py`` times both. Shapes: ``x`` [B, H, W, C] (NHWC), kernel
 [3, 3, 1, C] (HWIO, as ``nnx.Conv`` stores a depthwise kernel); the output is [B, H, W, C] in
@@ -43,7 +47,14 @@ from jax import lax
 from pallas_kernels.dwconv import dwconv3x3 as pallas_dwconv3x3
 
 IMPLEMENTATIONS = ("shifted", "cudnn", "hybrid", "pallas")
-DEFAULT_IMPLEMENTATION = "shifted"
+
+
+def default_implementation(backend: str | None = None) -> str:
+    """``"pallas"`` on a GPU (its Triton kernels), else ``"shifted"`` (elsewhere the Pallas
+    kernels would run interpreted)."""
+    return "pallas" if (backend or jax.default_backend()) == "gpu" else "shifted"
+
+
 TAPS = tuple((a, b) for a in range(3) for b in range(3))
 
 
@@ -118,7 +129,7 @@ def depthwise_conv3x3(
     x: jax.Array,
     kernel: jax.Array,
     *,
-    implementation: str = DEFAULT_IMPLEMENTATION,
+    implementation: str | None = None,
     dtype: jnp.dtype | None = None,
     act: bool = False,
 ) -> jax.Array:
@@ -127,7 +138,7 @@ def depthwise_conv3x3(
     Args:
       x: [B, H, W, C].
       kernel: [3, 3, 1, C] (HWIO depthwise layout).
-      implementation: one of ``IMPLEMENTATIONS``.
+      implementation: one of ``IMPLEMENTATIONS``; None: :func:`default_implementation`.
       dtype: computation dtype of the operands and the output (default: promoted).
       act: apply SiLU to the result ("pallas": inside its kernels).
 
@@ -135,6 +146,7 @@ def depthwise_conv3x3(
       [B, H, W, C] in ``dtype``.
     """
     _check(x, kernel)
+    implementation = implementation or default_implementation()
     check_implementation(implementation)
     dtype = jnp.promote_types(x.dtype, kernel.dtype) if dtype is None else dtype
     x, kernel = x.astype(dtype), kernel.astype(dtype)

@@ -120,9 +120,10 @@ def create_model(
       rngs: ``nnx.Rngs`` for the parameters and the ``"dropout"`` stream; default
         ``nnx.Rngs(0)``.
       **kwargs: passed on to the factory and from there to the model class, e.g.
-        ``conv_implementation`` of ViG and ViG-H (``"shifted"``, the default, ``"cudnn"``,
-        ``"hybrid"`` or ``"pallas"``: :mod:`vig_jax.dwconv`) and ``output_implementation``
-        (``"xla"``, the default, or ``"pallas"``: :class:`vig_jax.bigla.BiGLA`).
+        ``conv_implementation`` of ViG and ViG-H (``"pallas"``, the default on a GPU,
+        ``"shifted"``, the default elsewhere, ``"cudnn"`` or ``"hybrid"``: :mod:`vig_jax.dwconv`)
+        and ``output_implementation`` (``"pallas"``, the default on a GPU, or ``"xla"``:
+        :class:`vig_jax.bigla.BiGLA`).
 
     Returns:
       The model, in NNX's default (training) mode; call ``model.eval()`` for inference.

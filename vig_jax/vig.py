@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vig_jax.bigla import DEFAULT_OUTPUT, BiGLA
-from vig_jax.dwconv import DEFAULT_IMPLEMENTATION as DEFAULT_CONV
+from vig_jax.bigla import BiGLA
 from vig_jax.layers import (
     DropPath,
     Dtype,
@@ -84,8 +83,8 @@ class ViGBlock(nnx.Module):
         out_act: bool,
         drop_path: float,
         implementation: str | None,
-        conv_implementation: str = DEFAULT_CONV,
-        output_implementation: str = DEFAULT_OUTPUT,
+        conv_implementation: str | None = None,
+        output_implementation: str | None = None,
         dtype: Dtype | None,
         param_dtype: Dtype,
         rngs: nnx.Rngs,
@@ -131,8 +130,8 @@ class ViG(nnx.Module):
         patch_size: int | None = None,
         drop_path_rate: float | None = None,
         implementation: str | None = None,
-        conv_implementation: str = DEFAULT_CONV,
-        output_implementation: str = DEFAULT_OUTPUT,
+        conv_implementation: str | None = None,
+        output_implementation: str | None = None,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
