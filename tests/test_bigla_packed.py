@@ -1,7 +1,6 @@
-"""BiGLA on packed projections (``bigla_packed``): the Triton kernels read q, k, v and the two
-gates in place from ``qkv = [q | k | v]`` and ``gates = [gf | gb]``; values and gradients
-against the float64 reference on the split arrays, the fallbacks, and the CUDA lowering (no
-copies of the operands before the kernels)."""
+"""BiGLA on packed projections (``bigla_packed``): the Triton kernels read q, k and v in place
+from ``qkv = [q | k | v]``; values and gradients against the float64 reference on the split
+arrays, the fallbacks, and the CUDA lowering (no copies of the operands before the kernels)."""
 
 import jax
 import jax.numpy as jnp
@@ -16,35 +15,33 @@ ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
 
 
+def _flat(x):
+    return x.reshape(*x.shape[:2], -1)
+
+
 def _pack(q, k, v, gf, gb):
-    """[B, N, H, D] arrays -> qkv [B, N, 2K + V], gates [B, N, 2K] (head-major columns)."""
-    flat = lambda x: x.reshape(*x.shape[:2], -1)
-    return (
-        np.concatenate([flat(q), flat(k), flat(v)], axis=-1),
-        np.concatenate([flat(gf), flat(gb)], axis=-1),
-    )
+    """[B, N, H, D] arrays -> qkv [B, N, 2K + V] and the gates as [B, N, K] (head-major)."""
+    return np.concatenate([_flat(q), _flat(k), _flat(v)], axis=-1), _flat(gf), _flat(gb)
 
 
-def _unpack_grads(dqkv, dgates, shape):
+def _unpack_grads(dqkv, dgf, dgb, shape):
     b, n, h, dk, dv = shape
     key = h * dk
     heads = lambda x: np.asarray(x, np.float64).reshape(b, n, h, -1)
     dq, dk_, dv_ = np.split(np.asarray(dqkv, np.float64), [key, 2 * key], axis=-1)
-    dgf, dgb = np.split(np.asarray(dgates, np.float64), 2, axis=-1)
     return [heads(x) for x in (dq, dk_, dv_, dgf, dgb)]
 
 
 def _packed_vjp(arrays, shape, dtype, **kwargs):
     q, k, v, gf, gb, do = cast_inputs(arrays, dtype)
-    qkv, gates = _pack(q, k, v, gf, gb)
+    packed = [jnp.asarray(x) for x in _pack(q, k, v, gf, gb)]
     fn = jax.jit(
-        lambda x, g: bigla_packed(
-            x, g, num_heads=shape[2], implementation="triton", interpret=INTERPRET, **kwargs
+        lambda *a: bigla_packed(
+            *a, num_heads=shape[2], implementation="triton", interpret=INTERPRET, **kwargs
         )
     )
-    out, vjp = jax.vjp(fn, jnp.asarray(qkv), jnp.asarray(gates))
-    dqkv, dgates = vjp(jnp.asarray(do, out.dtype))
-    return out, dqkv, dgates
+    out, vjp = jax.vjp(fn, *packed)
+    return out, *vjp(jnp.asarray(do, out.dtype))
 
 
 @pytest.mark.parametrize(
@@ -59,11 +56,11 @@ def _packed_vjp(arrays, shape, dtype, **kwargs):
 def test_packed_fp32_matches_float64_reference(shape, config):
     arrays = random_inputs(sum(shape), *shape, gates="random")
     want, want_grads = reference_vjp(*cast_inputs(arrays, np.float32))
-    out, dqkv, dgates = _packed_vjp(arrays, shape, np.float32, config=triton.Config(**config))
+    out, dqkv, dgf, dgb = _packed_vjp(arrays, shape, np.float32, config=triton.Config(**config))
     assert out.shape == want.shape and out.dtype == jnp.float32
     assert dqkv.shape == (shape[0], shape[1], shape[2] * (2 * shape[3] + shape[4]))
     assert relative_error(out, want) < 1e-5
-    grads = _unpack_grads(dqkv, dgates, shape)
+    grads = _unpack_grads(dqkv, dgf, dgb, shape)
     for name, got, ref in zip(("dq", "dk", "dv", "dgf", "dgb"), grads, want_grads, strict=True):
         assert relative_error(got, ref) < 1e-5, name
 
@@ -72,11 +69,11 @@ def test_packed_bf16_gradients_keep_dtypes_and_match():
     shape = (2, 70, 3, 32, 64)
     arrays = random_inputs(5, *shape, gates="random")
     want, want_grads = reference_vjp(*cast_inputs(arrays, jnp.bfloat16))
-    out, dqkv, dgates = _packed_vjp(arrays, shape, jnp.bfloat16)
+    out, dqkv, dgf, dgb = _packed_vjp(arrays, shape, jnp.bfloat16)
     assert out.dtype == jnp.bfloat16 and dqkv.dtype == jnp.bfloat16
-    assert dgates.dtype == jnp.float32
+    assert dgf.dtype == dgb.dtype == jnp.float32
     assert relative_error(out, want) < 1e-2
-    for got, ref in zip(_unpack_grads(dqkv, dgates, shape), want_grads, strict=True):
+    for got, ref in zip(_unpack_grads(dqkv, dgf, dgb, shape), want_grads, strict=True):
         assert relative_error(got, ref) < 1e-2
 
 
@@ -90,10 +87,10 @@ def test_unpackable_sizes_and_other_implementations_split(implementation):
     arrays = random_inputs(11, *shape, gates="random")
     want, want_grads = reference_vjp(*cast_inputs(arrays, np.float32))
     q, k, v, gf, gb, do = cast_inputs(arrays, np.float32)
-    qkv, gates = _pack(q, k, v, gf, gb)
+    packed = [jnp.asarray(x) for x in _pack(q, k, v, gf, gb)]
     options = {"interpret": INTERPRET} if implementation == "triton" else {}
-    fn = lambda x, g: bigla_packed(x, g, num_heads=2, implementation=implementation, **options)
-    out, vjp = jax.vjp(fn, jnp.asarray(qkv), jnp.asarray(gates))
+    fn = lambda *a: bigla_packed(*a, num_heads=2, implementation=implementation, **options)
+    out, vjp = jax.vjp(fn, *packed)
     assert relative_error(out, want) < 1e-5
     grads = _unpack_grads(*vjp(jnp.asarray(do)), shape)
     for got, ref in zip(grads, want_grads, strict=True):
@@ -109,13 +106,15 @@ def test_packs_rule():
 
 
 def test_bad_shapes_name_the_sizes():
-    qkv = jnp.zeros((1, 4, 64 + 64 + 128))
-    with pytest.raises(ValueError, match="log_gates"):
-        bigla_packed(qkv, jnp.zeros((1, 5, 128)), num_heads=2, implementation="xla")
+    qkv, g = jnp.zeros((1, 4, 64 + 64 + 128)), jnp.zeros((1, 4, 64))
+    with pytest.raises(ValueError, match="same \\[B, N\\]"):
+        bigla_packed(qkv, jnp.zeros((1, 5, 64)), jnp.zeros((1, 5, 64)), num_heads=2)
+    with pytest.raises(ValueError, match="two \\[B, N, K\\]"):
+        bigla_packed(qkv, g, jnp.zeros((1, 4, 32)), num_heads=2)
     with pytest.raises(ValueError, match="num_heads=3"):
-        bigla_packed(qkv, jnp.zeros((1, 4, 128)), num_heads=3, implementation="xla")
-    with pytest.raises(ValueError, match="num_heads=2"):
-        bigla_packed(qkv, jnp.zeros((1, 4, 256)), num_heads=2, implementation="xla")
+        bigla_packed(qkv, g, g, num_heads=3, implementation="xla")
+    with pytest.raises(ValueError, match="wider than 2K"):
+        bigla_packed(qkv, jnp.zeros((1, 4, 128)), jnp.zeros((1, 4, 128)), num_heads=2)
 
 
 def test_packed_lowering_reads_operands_in_place():
@@ -124,17 +123,17 @@ def test_packed_lowering_reads_operands_in_place():
     Triton calls as the split op."""
     b, n, h, dk, dv = 2, 197, 3, 32, 64
     qkv = jnp.ones((b, n, h * (2 * dk + dv)), jnp.bfloat16)
-    gates = jnp.zeros((b, n, 2 * h * dk), jnp.float32)
+    gate = jnp.zeros((b, n, h * dk), jnp.float32)
 
-    def loss(x, g):
-        return jnp.sum(triton.bigla_triton_packed(x, g, num_heads=h).astype(jnp.float32))
+    def loss(x, gf, gb):
+        return jnp.sum(triton.bigla_triton_packed(x, gf, gb, num_heads=h).astype(jnp.float32))
 
     device = jax.sharding.AbstractDevice(
         device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"
     )
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
     with jax.sharding.use_abstract_mesh(mesh):
-        lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(qkv, gates)
+        lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(qkv, gate, gate)
         text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 9
     assert "stablehlo.slice" not in text

@@ -58,6 +58,21 @@ def test_swiglu_matches_autodiff(dtype, tol):
     _check_vjp(fused.swiglu, _plain_swiglu, [_random((3, 5, 64), 2, 2.0)], dtype, tol)
 
 
+@pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-12), (jnp.float32, 1e-5)])
+def test_log_gate_matches_autodiff(dtype, tol):
+    """Logits from -40 to 40: the gradient from the output alone holds where sigmoid(-x) is
+    tiny (x = 40: ~4e-18) and where it is ~1."""
+    x = jnp.concatenate([_random((150,), 4, 6.0), jnp.linspace(-40.0, 40.0, 81)])
+
+    def plain(x):
+        return jax.nn.log_sigmoid(x) / 16.0
+
+    _check_vjp(lambda x: fused.log_gate(x, 16.0), plain, [x], dtype, tol)
+    g = jax.grad(lambda x: jnp.sum(fused.log_gate(x, 16.0)))(jnp.array([40.0, -40.0], dtype))
+    want = np.array([np.exp(-40.0), 1 / (1 + np.exp(-40.0))]) / 16
+    np.testing.assert_allclose(np.asarray(g, np.float64), want, rtol=100 * tol)
+
+
 @pytest.mark.parametrize("out_act", [True, False])
 @pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-12), (jnp.float32, 1e-5)])
 def test_gated_norm_output_matches_autodiff(dtype, tol, out_act):

@@ -337,7 +337,7 @@ def test_bf16_gate_path_takes_bf16_inputs_and_sums_in_fp32():
     the log gates come out in fp32, equal to float64 math on those rounded inputs."""
     op = BiGLA(64, 2, conv_act=True, out_act=True, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     c = jax.random.normal(jax.random.key(2), (2, 9, 64)).astype(jnp.bfloat16)
-    gates = _log_gates(op.gk_proj, c)
+    gates = jnp.concatenate(_log_gates(op.gk_proj, c), axis=-1)
     assert gates.dtype == jnp.float32 and gates.shape == (2, 9, 64)
     as64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
     w0 = as64(op.gk_proj[0].kernel[...].astype(jnp.bfloat16))

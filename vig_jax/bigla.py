@@ -11,9 +11,8 @@ On a token grid u [B, h, w, d] (vig-reference.md section 2.4)::
     out    = o_proj(act_out(y))                     act_out = SiLU for ViG-T, else identity
 
 The op itself is :func:`pallas_kernels.bigla_packed` (:func:`pallas_kernels.bigla` on the fused
-``q | k | v`` product and the ``forward | backward`` gates, which its Triton kernels read in place);
-the module only builds its inputs. Raster order (row-major over (h, w)) is the forward scan
-direction.
+``q | k | v`` product, which its Triton kernels read in place); the module only builds its
+inputs. Raster order (row-major over (h, w)) is the forward scan direction.
 
 Mixed precision: the projections run in ``dtype``; the gate path runs in at least fp32 from the
 first low-rank product's sums on (that product takes ``c`` in ``dtype``); the gated output (both
@@ -66,18 +65,30 @@ def _conv_act(conv: nnx.Conv, u: jax.Array, act: bool, implementation: str) -> j
     return depthwise_conv3x3(u, kernel, implementation=implementation, dtype=conv.dtype, act=act)
 
 
-def _log_gates(gk_proj: nnx.List, c: jax.Array) -> jax.Array:
-    """``logsigmoid(gk_proj[1](gk_proj[0](c))) / 16`` [B, N, d] in the gate dtype (>= fp32).
+def _log_gates(gk_proj: nnx.List, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``logsigmoid(gk_proj[1](gk_proj[0](c))) / 16`` as (forward, backward) gates, each
+    [B, N, d/2] in the gate dtype (>= fp32): the two halves of ``gk_proj[1]``'s output columns,
+    computed as two products so that neither the gates nor their gradients are split or joined.
 
     ``gk_proj[0]`` multiplies ``c`` and its kernel in the compute dtype with fp32 sums and an fp32
     result (no fp32 copy of ``c``; under the official bf16 autocast both products and the
     logsigmoid run in bf16); ``gk_proj[1]`` and the logsigmoid run in the gate dtype.
 
-    Called rematerialised: the backward pass recomputes the two small products (d -> 16 -> d)
-    from ``c`` instead of keeping the fp32 gate logits. The first
-    half of the last axis is the forward direction's gates, the second half the backward's.
+    The backward pass keeps ``c``, the low-rank product [B, N, 16] and the outputs (which BiGLA
+    keeps too): :func:`vig_jax.fused.log_gate` differentiates the logsigmoid from its output, so
+    nothing is recomputed and the fp32 logits are not kept.
     """
-    return jax.nn.log_sigmoid(gk_proj[1](gk_proj[0](c))) / GATE_NORMALIZER
+    low = gk_proj[0](c)
+    up = gk_proj[1]
+    dtype = up.dtype or jnp.result_type(low, up.kernel[...])
+    kernel, bias = up.kernel[...].astype(dtype), up.bias[...].astype(dtype)
+    half = kernel.shape[-1] // 2
+
+    def direction(cols: slice) -> jax.Array:
+        logits = jnp.dot(low.astype(dtype), kernel[:, cols], precision=up.precision) + bias[cols]
+        return fused.log_gate(logits, GATE_NORMALIZER)
+
+    return direction(slice(0, half)), direction(slice(half, None))
 
 
 def _pallas_gated_output(o, c, gate_logits, weight_o, weight_c, eps, out_act):
@@ -217,9 +228,9 @@ class BiGLA(nnx.Module):
             conv_act = nnx.remat(_conv_act, static_argnums=(2, 3))
         c = conv_act(self.in_proj, u, self.conv_act, self.conv_implementation)
         c = c.reshape(b, n, d)
-        log_gates = nnx.remat(_log_gates)(self.gk_proj, c)
-        o = bigla_packed(  # q | k | v and forward | backward gates, read in place
-            self.qkv_proj(c), log_gates, num_heads=heads, implementation=self.implementation
+        gf, gb = _log_gates(self.gk_proj, c)
+        o = bigla_packed(  # q | k | v read in place
+            self.qkv_proj(c), gf, gb, num_heads=heads, implementation=self.implementation
         )
 
         def per_head(x):  # [B, N, H*D] -> [B, N, H, D]

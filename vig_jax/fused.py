@@ -16,6 +16,8 @@ in float64, ``tests/test_fused.py``).
 * :func:`swiglu` -- ``silu(a) * b`` with ``[a | b]`` the two halves of the last axis.
 * :func:`gated_norm_output` -- the mixer's output
   ``act(sigmoid(z) * RMSNorm_g(o) + (1 - sigmoid(z)) * RMSNorm_l(c))`` per head.
+* :func:`log_gate` -- the forget gates ``logsigmoid(x) / normalizer``, whose gradient needs
+  only its output.
 """
 
 from __future__ import annotations
@@ -134,6 +136,41 @@ def _swiglu_bwd(h, dz):
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+# ----------------------------------------------------------------------------- log gates
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def log_gate(x: jax.Array, normalizer: float) -> jax.Array:
+    """``logsigmoid(x) / normalizer`` (the mixer's per-step log forget gate, <= 0).
+
+    The residual is the output ``y`` alone (which BiGLA keeps anyway): with
+    ``sigmoid(x) = exp(normalizer * y)`` the gradient is
+    ``dy * -expm1(normalizer * y) / normalizer`` (= ``dy * sigmoid(-x) / normalizer``), so the
+    backward pass needs neither ``x`` nor a recomputation of the gate projections.
+
+    Args:
+      x: gate logits [...], any float dtype (the arithmetic is in at least fp32).
+      normalizer: the official ``gate_logit_normalizer`` (16).
+
+    Returns:
+      [...] in ``x.dtype``.
+    """
+    return _log_gate_fwd(x, normalizer)[0]
+
+
+def _log_gate_fwd(x, normalizer):
+    ct = _compute_dtype(x.dtype)
+    y = (jax.nn.log_sigmoid(x.astype(ct)) / normalizer).astype(x.dtype)
+    return y, y
+
+
+def _log_gate_bwd(normalizer, y, dy):
+    ct = _compute_dtype(y.dtype)
+    dx = dy.astype(ct) * -jnp.expm1(normalizer * y.astype(ct)) / normalizer
+    return (dx.astype(y.dtype),)
+
+
+log_gate.defvjp(_log_gate_fwd, _log_gate_bwd)
 
 
 # ----------------------------------------------------------------------------- mixer output

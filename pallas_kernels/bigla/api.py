@@ -137,53 +137,58 @@ def bigla(
 
 def bigla_packed(
     qkv: jax.Array,
-    log_gates: jax.Array,
+    log_gate_fwd: jax.Array,
+    log_gate_bwd: jax.Array,
     *,
     num_heads: int,
     scale: float | None = None,
     implementation: str | None = None,
     **options,
 ) -> jax.Array:
-    """:func:`bigla` on fused projections, as a model computes them with one product each.
+    """:func:`bigla` with q, k and v packed as one model product ``[q | k | v]`` computes them.
 
     Args:
       qkv: [B, N, 2K + V] = [q | k | v], each head-major: q's head h is columns
         [h K/H, (h+1) K/H), k's and v's likewise.
-      log_gates: [B, N, 2K] = [log_gate_fwd | log_gate_bwd], head-major like q.
+      log_gate_fwd, log_gate_bwd: [B, N, K], head-major like q.
       num_heads: H (K and V multiples of it).
       scale, implementation, options: as :func:`bigla`.
 
     Returns:
       [B, N, H, V/H], equal to ``bigla`` on the split arrays. The "triton" implementation
-      reads the operands in place (:func:`pallas_kernels.bigla.triton.bigla_triton_packed`);
+      reads q, k and v in place (:func:`pallas_kernels.bigla.triton.bigla_triton_packed`);
       the others split.
     """
-    if qkv.ndim != 3 or log_gates.ndim != 3 or log_gates.shape[:2] != qkv.shape[:2]:
+    gates = (log_gate_fwd, log_gate_bwd)
+    if qkv.ndim != 3 or any(g.ndim != 3 or g.shape != log_gate_fwd.shape for g in gates):
         raise ValueError(
-            f"qkv {qkv.shape} and log_gates {log_gates.shape}; expected [B, N, 2K + V] and "
-            "[B, N, 2K] with the same B, N"
+            f"qkv {qkv.shape}, log gates {log_gate_fwd.shape} and {log_gate_bwd.shape}; "
+            "expected [B, N, 2K + V] and two [B, N, K]"
         )
     b, n, width = qkv.shape
-    key_dim = log_gates.shape[-1] // 2
+    key_dim = log_gate_fwd.shape[-1]
     value_dim = width - 2 * key_dim
-    if log_gates.shape[-1] % 2 or value_dim <= 0 or key_dim % num_heads or value_dim % num_heads:
+    if log_gate_fwd.shape[:2] != (b, n) or value_dim <= 0:
         raise ValueError(
-            f"qkv width {width} and log_gates width {log_gates.shape[-1]} do not split over "
-            f"num_heads={num_heads}: expected gates [2K], qkv [2K + V], K and V positive "
-            "multiples of num_heads"
+            f"qkv {qkv.shape} and log gates {log_gate_fwd.shape}: expected the same [B, N] and "
+            "qkv wider than 2K"
+        )
+    if key_dim % num_heads or value_dim % num_heads:
+        raise ValueError(
+            f"K={key_dim} and V={value_dim} (qkv width {width} - 2K) over num_heads="
+            f"{num_heads}: expected multiples of num_heads"
         )
     implementation = implementation or default_implementation()
     if implementation != "triton":
         heads = lambda x: x.reshape(b, n, num_heads, -1)
         q, k, v = jnp.split(qkv, [key_dim, 2 * key_dim], axis=-1)
-        gf, gb = jnp.split(log_gates, 2, axis=-1)
         return bigla(
-            *map(heads, (q, k, v, gf, gb)),
+            *map(heads, (q, k, v, log_gate_fwd, log_gate_bwd)),
             scale=scale,
             implementation=implementation,
             **options,
         )
-    for name, x in (("qkv", qkv), ("log_gates", log_gates)):
+    for name, x in (("qkv", qkv), ("log_gate_fwd", log_gate_fwd), ("log_gate_bwd", log_gate_bwd)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"{name} has dtype {x.dtype}; expected a floating dtype")
     interpret = options.get("interpret", False)
@@ -193,7 +198,7 @@ def bigla_packed(
             f"available here: {available_implementations()}"
         )
     fn = functools.partial(_load("triton_packed"), num_heads=num_heads, scale=scale, **options)
-    return _per_batch_shard(fn, qkv, 2)(qkv, log_gates)
+    return _per_batch_shard(fn, qkv, 3)(qkv, log_gate_fwd, log_gate_bwd)
 
 
 def _per_batch_shard(fn: Callable, x: jax.Array, n_args: int) -> Callable:

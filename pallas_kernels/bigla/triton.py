@@ -1126,41 +1126,40 @@ def _backward_dims(inputs, dims: _Dims, config: Config, interpret: bool) -> _Dim
 _bigla.defvjp(_bigla_fwd, _bigla_bwd)
 
 
-def _packed_views(qkv, gates, dims: _Dims):
-    """(q, k, v, gf, gb) as the kernels read them from the packed arrays: qkv [B, N, 2K + V]
-    as [B, N, (2K + V)/Dk, Dk] for q and k and as [B, N, (2K + V)/Dv, Dv] for v, the gates
-    [B, N, 2K] as [B, N, 2K/Dk, Dk]; ``dims.offsets`` say where each operand's heads start."""
+def _packed_views(qkv, gf, gb, dims: _Dims):
+    """(q, k, v, gf, gb) as the kernels read them: qkv [B, N, 2K + V] as [B, N, (2K + V)/Dk, Dk]
+    for q and k and as [B, N, (2K + V)/Dv, Dv] for v, the gates [B, N, K] as [B, N, H, Dk];
+    ``dims.offsets`` say where each operand's heads start."""
     b, n, width = qkv.shape
     qk = qkv.reshape(b, n, width // dims.dk, dims.dk)
     v = qkv.reshape(b, n, width // dims.dv, dims.dv)
-    g = gates.reshape(b, n, gates.shape[-1] // dims.dk, dims.dk)
-    return qk, qk, v, g, g
+    heads = lambda g: g.reshape(b, n, dims.heads, dims.dk)
+    return qk, qk, v, heads(gf), heads(gb)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _bigla_packed(qkv, gates, dims: _Dims, config: Config, interpret: bool):
-    return _forward(*_packed_views(qkv, gates, dims), dims, config, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _bigla_packed(qkv, gf, gb, dims: _Dims, config: Config, interpret: bool):
+    return _forward(*_packed_views(qkv, gf, gb, dims), dims, config, interpret)[0]
 
 
-def _bigla_packed_fwd(qkv, gates, dims, config, interpret):
+def _bigla_packed_fwd(qkv, gf, gb, dims, config, interpret):
     keep = _keeps_states(dims, config)
     scores = keep and config.save_scores
-    views = _packed_views(qkv, gates, dims)
+    views = _packed_views(qkv, gf, gb, dims)
     o, carries, a = _forward(*views, dims, config, interpret, scores)
-    return o, ((qkv, gates), (carries, a) if keep else None)
+    return o, ((qkv, gf, gb), (carries, a) if keep else None)
 
 
 def _bigla_packed_bwd(dims, config, interpret, residuals, do):
-    (qkv, gates), saved = residuals
+    (qkv, gf, gb), saved = residuals
     config = config.backward()
-    views = _packed_views(qkv, gates, dims)
+    views = _packed_views(qkv, gf, gb, dims)
     if saved is None:
         dims = _backward_dims(views, dims, config, interpret)
     dq, dk, dv, dgf, dgb = _backward(*views, do, dims, config, interpret, saved)
     flat = lambda x: x.reshape(*x.shape[:2], -1)
     dqkv = jnp.concatenate([flat(dq), flat(dk), flat(dv)], axis=-1)
-    dgates = jnp.concatenate([flat(dgf), flat(dgb)], axis=-1).astype(gates.dtype)
-    return dqkv, dgates
+    return dqkv, flat(dgf).astype(gf.dtype), flat(dgb).astype(gb.dtype)
 
 
 _bigla_packed.defvjp(_bigla_packed_fwd, _bigla_packed_bwd)
@@ -1229,7 +1228,8 @@ def bigla_triton(
 
 def bigla_triton_packed(
     qkv: jax.Array,
-    log_gates: jax.Array,
+    gf: jax.Array,
+    gb: jax.Array,
     *,
     num_heads: int,
     scale: float | None = None,
@@ -1239,14 +1239,14 @@ def bigla_triton_packed(
     """:func:`bigla_triton` on fused projections, read in place.
 
     A model that projects q, k and v with one matrix product would otherwise copy three
-    slices of the product (and two of the gates) into separate arrays for the kernels, and
-    back into one for the product's gradient; here the kernels read each operand's heads
-    from the packed arrays, and the gradients come back packed the same way.
+    slices of the product into separate arrays for the kernels; here the kernels read each
+    operand's heads from the packed array, and its gradient comes back packed the same way.
 
     Args:
       qkv: [B, N, 2K + V] = [q | k | v], each head-major (head h of q is columns
         [h Dk, (h+1) Dk)), with Dk = K / H and Dv = V / H.
-      log_gates: [B, N, 2K] = [gf | gb], head-major like q; used in fp32.
+      gf, gb: [B, N, K] log forget gates of the two directions, head-major like q; used in
+        fp32.
       num_heads: H.
       scale, interpret, config: as :func:`bigla_triton`.
 
@@ -1255,23 +1255,23 @@ def bigla_triton_packed(
     """
     config = Config() if config is None else config
     b, n, width = qkv.shape
-    if log_gates.ndim != 3 or log_gates.shape[:2] != (b, n) or log_gates.shape[-1] % 2:
+    if gf.ndim != 3 or gf.shape[:2] != (b, n) or gb.shape != gf.shape:
         raise ValueError(
-            f"log_gates has shape {log_gates.shape}; expected [B, N, 2K] = [{b}, {n}, 2K]"
+            f"gf, gb have shapes {gf.shape}, {gb.shape}; expected one shape [B, N, K] with "
+            f"[B, N] = [{b}, {n}]"
         )
-    key_dim = log_gates.shape[-1] // 2
+    key_dim = gf.shape[-1]
     value_dim = width - 2 * key_dim
     if value_dim <= 0 or key_dim % num_heads or value_dim % num_heads:
         raise ValueError(
-            f"qkv width {width} and gate width {2 * key_dim} do not split into q, k [K] and "
+            f"qkv width {width} and gate width {key_dim} do not split into q, k [K] and "
             f"v [V] over num_heads={num_heads}: expected K = {key_dim} and V = width - 2K "
             "both positive multiples of num_heads"
         )
-    gates = log_gates.astype(jnp.float32)
+    gf, gb = gf.astype(jnp.float32), gb.astype(jnp.float32)
     if not packs(key_dim, value_dim, num_heads) or n == 0:
         heads = lambda x: x.reshape(b, n, num_heads, -1)
         q, k, v = jnp.split(qkv, [key_dim, 2 * key_dim], axis=-1)
-        gf, gb = jnp.split(gates, 2, axis=-1)
         return bigla_triton(
             *map(heads, (q, k, v, gf, gb)), scale=scale, interpret=interpret, config=config
         )
@@ -1279,9 +1279,9 @@ def bigla_triton_packed(
     scale = dk**-0.5 if scale is None else scale
     q_view = qkv.reshape(b, n, width // dk, dk)
     v_view = qkv.reshape(b, n, width // dv, dv)
-    offsets = (0, num_heads, 2 * key_dim // dv, 0, num_heads)
+    offsets = (0, num_heads, 2 * key_dim // dv, 0, 0)
     dims = _dims(q_view, v_view, scale, config, interpret, num_heads, offsets)
-    return _bigla_packed(qkv, gates, dims, config, interpret)
+    return _bigla_packed(qkv, gf, gb, dims, config, interpret)
 
 
 __all__ = ["Config", "bigla_triton", "bigla_triton_packed", "packs"]
