@@ -74,19 +74,25 @@ def _log_gates(gk_proj: nnx.List, c: jax.Array) -> tuple[jax.Array, jax.Array]:
     result (no fp32 copy of ``c``; under the official bf16 autocast both products and the
     logsigmoid run in bf16); ``gk_proj[1]`` and the logsigmoid run in the gate dtype.
 
-    The backward pass keeps ``c``, the low-rank product [B, N, 16] and the outputs (which BiGLA
-    keeps too): :func:`vig_jax.fused.log_gate` differentiates the logsigmoid from its output, so
-    nothing is recomputed and the fp32 logits are not kept.
+    For the backward pass only the low-rank product [B, N, 16] is kept: the second product and
+    the logsigmoid are rematerialised from it (a 16-deep product), because a residual of the
+    gates themselves would be a second copy of what BiGLA keeps (custom-vjp residuals are
+    separate outputs of a scanned block), and the fp32 logits are as large.
     """
     low = gk_proj[0](c)
     up = gk_proj[1]
     dtype = up.dtype or jnp.result_type(low, up.kernel[...])
     kernel, bias = up.kernel[...].astype(dtype), up.bias[...].astype(dtype)
+    return jax.checkpoint(_gate_directions, static_argnums=(3,))(low, kernel, bias, up.precision)
+
+
+def _gate_directions(low, kernel, bias, precision) -> tuple[jax.Array, jax.Array]:
+    """``log_gate(low @ kernel + bias)`` for the two column halves (forward, backward)."""
     half = kernel.shape[-1] // 2
 
     def direction(cols: slice) -> jax.Array:
-        logits = jnp.dot(low.astype(dtype), kernel[:, cols], precision=up.precision) + bias[cols]
-        return fused.log_gate(logits, GATE_NORMALIZER)
+        logits = jnp.dot(low.astype(kernel.dtype), kernel[:, cols], precision=precision)
+        return fused.log_gate(logits + bias[cols], GATE_NORMALIZER)
 
     return direction(slice(0, half)), direction(slice(half, None))
 
