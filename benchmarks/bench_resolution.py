@@ -52,14 +52,14 @@ are written to ``--out`` as they arrive; ``--max-seconds`` bounds the sweep; ``-
 units already measured. Prints a table and draws three panels (throughput, memory, FLOPs
 against resolution) with the official code's numbers (vig-reference.md section 13) marked.
 
-    # NEXT SESSION (H100), one `run` call each, timeout_s=600: first the bars with the Pallas
-    # mixer kernels (224 px / b128 is the bar still missed; the defaults' run of the same
-    # command is benchmarks/results/resolution_bars_h100_cfbd9a3.json):
+    # NEXT SESSION (H100), one `run` call each, timeout_s=600 (give --max-seconds >= 200: the
+    # deadline skips a chunk it cannot compile and time). First the bars with the GPU defaults
+    # (Pallas conv and gated output, packed BiGLA, states recomputed past 1,024 tokens; the
+    # last full run, before that memory change, is resolution_bars_h100_006b448.json):
     python3 -m benchmarks.bench_resolution --models vig_t,deit_t --resolutions 224,1024,2048 \
-        --dtypes bfloat16 --no-flops --max-seconds 400 --conv-impl pallas --output-impl pallas \
-        --out $OUT/resolution_bars.json
-    # then ViG-S / DeiT-S and fp32 (never measured), continuing a committed JSON:
-    cp benchmarks/results/resolution_bars_h100_cfbd9a3.json $OUT/r.json && PYTHONUNBUFFERED=1 \
+        --dtypes bfloat16 --no-flops --max-seconds 400 --out $OUT/resolution_bars.json
+    # then the rest (ViG-S / DeiT-S past 224 px, fp32), continuing a committed JSON:
+    cp benchmarks/results/resolution_bars_h100_006b448.json $OUT/r.json && PYTHONUNBUFFERED=1 \
         python3 -m benchmarks.bench_resolution --resume --no-flops --max-seconds 535 \
         --out $OUT/r.json
     # Measured on the H200 (b839a53): chunks of 6 units, ~125 s compiling (ViG train steps

@@ -225,3 +225,21 @@ def test_split_diag_takes_the_exact_loop_only_past_the_limit(gates, fallback):
     pairs = zip(jax.tree.leaves(split), jax.tree.leaves(loop), strict=True)
     same = [np.array_equal(a, b) for a, b in pairs]
     assert all(same) if fallback else not all(same)
+
+
+@pytest.mark.parametrize(("n", "kept"), [(1024, True), (1025, False)])
+def test_default_keeps_state_carries_only_for_short_sequences(n, kept):
+    """save_states=None: the forward's [B, H, chunks, Dk, Dv] carries are residuals up to
+    SAVE_STATES_MAX_TOKENS tokens and recomputed by the backward beyond (traced, not run)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    assert triton.SAVE_STATES_MAX_TOKENS == 1024
+    q = jnp.zeros((1, n, 1, 16), jnp.bfloat16)
+    g = jnp.zeros((1, n, 1, 16), jnp.float32)
+
+    def loss(q, k, v, gf, gb):
+        return triton.bigla_triton(q, k, v, gf, gb, interpret=True).astype(jnp.float32).sum()
+
+    shapes = [aval.shape for aval, _ in saved_residuals(loss, q, q, q, g, g)]
+    carries = [s for s in shapes if len(s) == 5 and s[-2:] == (16, 16)]
+    assert bool(carries) == kept, shapes

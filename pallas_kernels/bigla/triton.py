@@ -78,6 +78,11 @@ FP32_MAX_CHUNK = 32
 # diag="split" kernels hold both intra-chunk bodies: fp32 chunks of 32 at Dk = 64, Dv = 128 asked
 # for 311,296 B (H100), so split fp32 chunks are capped at 16 tokens on the GPU (the default).
 FP32_SPLIT_MAX_CHUNK = 16
+# Config.save_states=None keeps the forward's state carries up to this many tokens (ViG at
+# 512 px, patch 16) and recomputes them for longer sequences: ViG-T's training step at 1024 px,
+# batch 8 planned 3,614 MiB with the carries kept against DeiT-T's 3,543 (H100, ec4f0db), and
+# they were 576 MiB of it.
+SAVE_STATES_MAX_TOKENS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +105,11 @@ class Config:
       state_stages: ``num_stages`` of the state kernels; None uses ``num_stages``.
       save_states: keep the forward's state carries ([B, H, chunks, Dk, Dv] twice, in the dot
         dtype) for the backward instead of recomputing them (only when the backward's chunk is
-        the forward's): more residual memory, less backward work.
+        the forward's): more residual memory, less backward work. None (default): keep them
+        for sequences of at most ``SAVE_STATES_MAX_TOKENS`` tokens. The carries are about as
+        large as q, k, v and the gates together at every length (ViG-T at 1024 px, batch 8:
+        48 MiB per block, 576 MiB over its 12 blocks); long sequences are where activation
+        memory binds, short ones where the backward's extra state pass shows.
       save_scores: with saved states, also keep each chunk's score matrix ([B, H, chunks,
         BT, BT] in the dot dtype, which both products of the scores use) for dv, so that the
         backward does not recompute the in-sub-chunk scores.
@@ -126,7 +135,7 @@ class Config:
     bwd_chunk: int | None = None
     bwd_warps: int | None = None
     bwd_stages: int | None = None
-    save_states: bool = True
+    save_states: bool | None = None
     state_stages: int | None = 3
     save_scores: bool = True
     unroll_rows: bool = False
@@ -1100,7 +1109,10 @@ def _bigla(q, k, v, gf, gb, dims: _Dims, config: Config, interpret: bool):
 
 def _keeps_states(dims: _Dims, config: Config) -> bool:
     """Whether the backward reuses the forward's state carries (same chunks and segments)."""
-    return config.save_states and config.backward().chunk == config.chunk
+    save = config.save_states
+    if save is None:
+        save = dims.n <= SAVE_STATES_MAX_TOKENS
+    return save and config.backward().chunk == config.chunk
 
 
 def _bigla_fwd(q, k, v, gf, gb, dims, config, interpret):
