@@ -230,16 +230,20 @@ def test_split_diag_takes_the_exact_loop_only_past_the_limit(gates, fallback):
 @pytest.mark.parametrize(("n", "kept"), [(1024, True), (1025, False)])
 def test_default_keeps_state_carries_only_for_short_sequences(n, kept):
     """save_states=None: the forward's [B, H, chunks, Dk, Dv] carries are residuals up to
-    SAVE_STATES_MAX_TOKENS tokens and recomputed by the backward beyond (traced, not run)."""
+    SAVE_STATES_MAX_TOKENS tokens and recomputed by the backward beyond; the chunks' [BT, BT]
+    scores are kept at both lengths (traced, not run)."""
     from jax._src.ad_checkpoint import saved_residuals
 
     assert triton.SAVE_STATES_MAX_TOKENS == 1024
     q = jnp.zeros((1, n, 1, 16), jnp.bfloat16)
+    v = jnp.zeros((1, n, 1, 32), jnp.bfloat16)
     g = jnp.zeros((1, n, 1, 16), jnp.float32)
 
     def loss(q, k, v, gf, gb):
         return triton.bigla_triton(q, k, v, gf, gb, interpret=True).astype(jnp.float32).sum()
 
-    shapes = [aval.shape for aval, _ in saved_residuals(loss, q, q, q, g, g)]
-    carries = [s for s in shapes if len(s) == 5 and s[-2:] == (16, 16)]
-    assert bool(carries) == kept, shapes
+    shapes = [aval.shape for aval, _ in saved_residuals(loss, q, q, v, g, g)]
+    carries = [s for s in shapes if len(s) == 5 and s[-2:] == (16, 32)]
+    scores = [s for s in shapes if len(s) == 5 and s[-2:] == (16, 16)]
+    assert len(carries) == (2 if kept else 0), shapes
+    assert len(scores) == 1, shapes

@@ -109,10 +109,13 @@ class Config:
         for sequences of at most ``SAVE_STATES_MAX_TOKENS`` tokens. The carries are about as
         large as q, k, v and the gates together at every length (ViG-T at 1024 px, batch 8:
         48 MiB per block, 576 MiB over its 12 blocks); long sequences are where activation
-        memory binds, short ones where the backward's extra state pass shows.
-      save_scores: with saved states, also keep each chunk's score matrix ([B, H, chunks,
-        BT, BT] in the dot dtype, which both products of the scores use) for dv, so that the
-        backward does not recompute the in-sub-chunk scores.
+        memory binds, short ones where the backward's extra state pass shows. Independent of
+        ``save_scores``.
+      save_scores: keep each chunk's score matrix ([B, H, chunks, BT, BT] in the dot dtype,
+        which both products of the scores use) for dv, so that the backward does not recompute
+        the in-sub-chunk scores (only when the backward's chunk is the forward's; with or
+        without the states: the dkv kernel that recomputes them spills registers in bf16 at
+        (8, 3, 4096, 32, 64), ``tests/test_kernel_stats.py``).
       unroll_rows: unroll the chunk kernels' 16-step in-sub-chunk loops (static row index:
         constant masks, no loop overhead; longer compiles).
       state_passes: with segments, 1: one state pass storing segment-local carries, which
@@ -1051,17 +1054,16 @@ def _forward(q, k, v, gf, gb, dims: _Dims, config: Config, interpret: bool, scor
 def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool, saved=None):
     """The five gradients.
 
-    ``saved``: None (states recomputed) or (the forward's state carries, its score matrices
-    or None).
+    ``saved``: None (states recomputed, no scores) or (the forward's state carries or None
+    (recomputed), its score matrices or None).
     """
     b, h = q.shape[0], dims.heads
     args = (q, k, v, gf, gb, do)
-    scores = None
-    if saved is None:
+    states, scores = (None, None) if saved is None else saved
+    if states is None:
         carries = _carries(args, dims, config, interpret, _STATES + _GRADS)
     else:
-        carries = list(saved[0]) + _carries(args, dims, config, interpret, _GRADS)
-        scores = saved[1]
+        carries = list(states) + _carries(args, dims, config, interpret, _GRADS)
     score_args = [] if scores is None else [scores]
     score_specs = [] if scores is None else [_per_bh_spec(dims.nc_pad, dims.bt, dims.bt)]
     seq_specs = _input_specs(args, dims)
@@ -1107,19 +1109,29 @@ def _bigla(q, k, v, gf, gb, dims: _Dims, config: Config, interpret: bool):
     return _forward(q, k, v, gf, gb, dims, config, interpret)[0]
 
 
-def _keeps_states(dims: _Dims, config: Config) -> bool:
-    """Whether the backward reuses the forward's state carries (same chunks and segments)."""
-    save = config.save_states
-    if save is None:
-        save = dims.n <= SAVE_STATES_MAX_TOKENS
-    return save and config.backward().chunk == config.chunk
+def _kept(dims: _Dims, config: Config) -> tuple[bool, bool]:
+    """(states, scores): what the backward reuses from the forward (only with the same chunks)."""
+    if config.backward().chunk != config.chunk:
+        return False, False
+    states = config.save_states
+    if states is None:
+        states = dims.n <= SAVE_STATES_MAX_TOKENS
+    return bool(states), bool(config.save_scores)
+
+
+def _forward_with_residuals(args, dims: _Dims, config: Config, interpret: bool):
+    """The output and what the backward keeps: None or (state carries or None, scores or
+    None)."""
+    states, scores = _kept(dims, config)
+    o, carries, a = _forward(*args, dims, config, interpret, scores)
+    if not (states or scores):
+        return o, None
+    return o, (carries if states else None, a)
 
 
 def _bigla_fwd(q, k, v, gf, gb, dims, config, interpret):
-    keep = _keeps_states(dims, config)
-    scores = keep and config.save_scores
-    o, carries, a = _forward(q, k, v, gf, gb, dims, config, interpret, scores)
-    return o, ((q, k, v, gf, gb), (carries, a) if keep else None)
+    o, saved = _forward_with_residuals((q, k, v, gf, gb), dims, config, interpret)
+    return o, ((q, k, v, gf, gb), saved)
 
 
 def _bigla_bwd(dims, config, interpret, residuals, do):
@@ -1155,11 +1167,8 @@ def _bigla_packed(qkv, gf, gb, dims: _Dims, config: Config, interpret: bool):
 
 
 def _bigla_packed_fwd(qkv, gf, gb, dims, config, interpret):
-    keep = _keeps_states(dims, config)
-    scores = keep and config.save_scores
-    views = _packed_views(qkv, gf, gb, dims)
-    o, carries, a = _forward(*views, dims, config, interpret, scores)
-    return o, ((qkv, gf, gb), (carries, a) if keep else None)
+    o, saved = _forward_with_residuals(_packed_views(qkv, gf, gb, dims), dims, config, interpret)
+    return o, ((qkv, gf, gb), saved)
 
 
 def _bigla_packed_bwd(dims, config, interpret, residuals, do):
