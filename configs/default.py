@@ -31,10 +31,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # Compute dtype; "bfloat16" for mixed precision.
     c.model.param_dtype = "float32"
     c.model.implementation = config_dict.placeholder(str)  # None: fastest for the backend.
-    # ViG / ViG-H depthwise conv: None = the model's default ("shifted"), or "cudnn", "hybrid",
-    # "pallas" (vig_jax/dwconv.py).
+    # ViG / ViG-H depthwise conv: None = the backend's default ("pallas" on a GPU, else
+    # "shifted"), or "cudnn", "hybrid" (vig_jax/dwconv.py).
     c.model.conv_implementation = config_dict.placeholder(str)
-    # ViG / ViG-H gated output: None = the model's default ("xla"), or "pallas" (vig_jax/bigla.py).
+    # ViG / ViG-H gated output: None = the backend's default ("pallas" on a GPU, else "xla")
+    # (vig_jax/bigla.py).
     c.model.output_implementation = config_dict.placeholder(str)
     c.model.drop_path_rate = 0.0
     c.model.patch_size = config_dict.placeholder(int)  # None: the variant's (16).

@@ -143,10 +143,11 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 def log_gate(x: jax.Array, normalizer: float) -> jax.Array:
     """``logsigmoid(x) / normalizer`` (the mixer's per-step log forget gate, <= 0).
 
-    The residual is the output ``y`` alone (which BiGLA keeps anyway): with
-    ``sigmoid(x) = exp(normalizer * y)`` the gradient is
-    ``dy * -expm1(normalizer * y) / normalizer`` (= ``dy * sigmoid(-x) / normalizer``), so the
-    backward pass needs neither ``x`` nor a recomputation of the gate projections.
+    The residual is the output ``y`` alone: with ``sigmoid(x) = exp(normalizer * y)`` the
+    gradient is ``dy * -expm1(normalizer * y) / normalizer`` (= ``dy * sigmoid(-x) /
+    normalizer``), so the backward pass does not need ``x``. (The mixer rematerialises it with
+    the product before it, ``vig_jax.bigla._log_gates``: kept, ``y`` would be a second copy
+    of the gates BiGLA keeps.)
 
     Args:
       x: gate logits [...], any float dtype (the arithmetic is in at least fp32).

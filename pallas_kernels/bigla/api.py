@@ -33,10 +33,10 @@ def _load(name: str) -> Callable | None:
             from pallas_kernels.bigla import xla
 
             return xla.bigla_xla
-        if name in ("triton", "triton_packed"):
+        if name == "triton":
             from pallas_kernels.bigla import triton
 
-            return triton.bigla_triton if name == "triton" else triton.bigla_triton_packed
+            return triton.bigla_triton
         if name == "mosaic":
             from pallas_kernels.bigla import mosaic
 
@@ -71,6 +71,12 @@ def default_implementation(backend: str | None = None) -> str:
     return "reference"
 
 
+def _check_floating(arrays: dict[str, jax.Array]) -> None:
+    for name, x in arrays.items():
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} has dtype {x.dtype}; expected a floating dtype")
+
+
 def _check_inputs(q, k, v, gf, gb) -> None:
     arrays = {"q": q, "k": k, "v": v, "log_gate_fwd": gf, "log_gate_bwd": gb}
     for name, x in arrays.items():
@@ -78,8 +84,7 @@ def _check_inputs(q, k, v, gf, gb) -> None:
             raise ValueError(
                 f"{name} has shape {x.shape}; expected 4 dims [B, N, H, D] (token-major)"
             )
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"{name} has dtype {x.dtype}; expected a floating dtype")
+    _check_floating(arrays)
     for name in ("k", "log_gate_fwd", "log_gate_bwd"):
         if arrays[name].shape != q.shape:
             raise ValueError(
@@ -118,21 +123,27 @@ def bigla(
       [B, N, H, Dv] in v's dtype: ``(o_fwd + o_bwd) / 2``.
     """
     _check_inputs(q, k, v, log_gate_fwd, log_gate_bwd)
+    implementation = _runnable(implementation, options)
+    fn = functools.partial(_load(implementation), scale=scale, **options)
+    return _per_batch_shard(fn, q, 5)(q, k, v, log_gate_fwd, log_gate_bwd)
+
+
+def _runnable(implementation: str | None, options: dict) -> str:
+    """``implementation`` (None: the backend's default), checked to be known and to run here
+    (on the GPU backend's terms with ``interpret=True``)."""
     if implementation is None:
         implementation = default_implementation()
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS} or None"
         )
-    interpret = options.get("interpret", False)
-    available = available_implementations("gpu" if interpret else None)
+    available = available_implementations("gpu" if options.get("interpret", False) else None)
     if implementation not in available:
         raise ValueError(
             f"implementation={implementation!r} cannot run on backend "
             f"{jax.default_backend()!r}; available here: {available}"
         )
-    fn = functools.partial(_load(implementation), scale=scale, **options)
-    return _per_batch_shard(fn, q, 5)(q, k, v, log_gate_fwd, log_gate_bwd)
+    return implementation
 
 
 def bigla_packed(
@@ -156,8 +167,10 @@ def bigla_packed(
 
     Returns:
       [B, N, H, V/H], equal to ``bigla`` on the split arrays. The "triton" implementation
-      reads q, k and v in place (:func:`pallas_kernels.bigla.triton.bigla_triton_packed`);
-      the others split.
+      reads q, k and v in place (:func:`pallas_kernels.bigla.triton.bigla_triton_packed`)
+      where its head widths allow (:func:`pallas_kernels.bigla.triton.packs`); otherwise, and
+      for the other implementations, q, k and v are split
+      (:func:`pallas_kernels.bigla.reference.split_packed`).
     """
     gates = (log_gate_fwd, log_gate_bwd)
     if qkv.ndim != 3 or any(g.ndim != 3 or g.shape != log_gate_fwd.shape for g in gates):
@@ -178,27 +191,17 @@ def bigla_packed(
             f"K={key_dim} and V={value_dim} (qkv width {width} - 2K) over num_heads="
             f"{num_heads}: expected multiples of num_heads"
         )
-    implementation = implementation or default_implementation()
-    if implementation != "triton":
-        heads = lambda x: x.reshape(b, n, num_heads, -1)
-        q, k, v = jnp.split(qkv, [key_dim, 2 * key_dim], axis=-1)
-        return bigla(
-            *map(heads, (q, k, v, log_gate_fwd, log_gate_bwd)),
-            scale=scale,
-            implementation=implementation,
-            **options,
+    _check_floating({"qkv": qkv, "log_gate_fwd": log_gate_fwd, "log_gate_bwd": log_gate_bwd})
+    implementation = _runnable(implementation, options)
+    if implementation == "triton":
+        from pallas_kernels.bigla import triton  # importable: _runnable found it available
+
+        fn = functools.partial(
+            triton.bigla_triton_packed, num_heads=num_heads, scale=scale, **options
         )
-    for name, x in (("qkv", qkv), ("log_gate_fwd", log_gate_fwd), ("log_gate_bwd", log_gate_bwd)):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"{name} has dtype {x.dtype}; expected a floating dtype")
-    interpret = options.get("interpret", False)
-    if "triton" not in available_implementations("gpu" if interpret else None):
-        raise ValueError(
-            f"implementation='triton' cannot run on backend {jax.default_backend()!r}; "
-            f"available here: {available_implementations()}"
-        )
-    fn = functools.partial(_load("triton_packed"), num_heads=num_heads, scale=scale, **options)
-    return _per_batch_shard(fn, qkv, 3)(qkv, log_gate_fwd, log_gate_bwd)
+        return _per_batch_shard(fn, qkv, 3)(qkv, log_gate_fwd, log_gate_bwd)
+    operands = reference.split_packed(qkv, log_gate_fwd, log_gate_bwd, num_heads)
+    return bigla(*operands, scale=scale, implementation=implementation, **options)
 
 
 def _per_batch_shard(fn: Callable, x: jax.Array, n_args: int) -> Callable:

@@ -103,3 +103,15 @@ def bigla_associative_scan(q, k, v, gf, gb, *, scale: float | None = None):
     _, s_b = jax.lax.associative_scan(_combine, (gb, kv), axis=1, reverse=True)
     o = jnp.einsum("bnhd,bnhde->bnhe", q, s_f + s_b)
     return (scale * 0.5 * o).astype(out_dtype)
+
+
+def split_packed(qkv, gf, gb, num_heads: int):
+    """Fused projections -> the op's token-major operands.
+
+    qkv [B, N, 2K + V] = [q | k | v] and gates [B, N, K], all head-major, -> (q, k, v, gf, gb)
+    as [B, N, H, D] (copies of the slices)."""
+    b, n, _ = qkv.shape
+    key_dim = gf.shape[-1]
+    heads = lambda x: x.reshape(b, n, num_heads, -1)
+    q, k, v = jnp.split(qkv, [key_dim, 2 * key_dim], axis=-1)
+    return tuple(map(heads, (q, k, v, gf, gb)))

@@ -67,6 +67,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.bigla.reference import split_packed
+
 SUB = 16  # rows per sub-chunk
 # Config.diag="split" rescales operands by exp of gate sums within a chunk (|exponent| <= the
 # chunk's total): up to e^64 ~ 6e27 keeps them and their products with O(1e9) values finite
@@ -1291,11 +1293,8 @@ def bigla_triton_packed(
         )
     gf, gb = gf.astype(jnp.float32), gb.astype(jnp.float32)
     if not packs(key_dim, value_dim, num_heads) or n == 0:
-        heads = lambda x: x.reshape(b, n, num_heads, -1)
-        q, k, v = jnp.split(qkv, [key_dim, 2 * key_dim], axis=-1)
-        return bigla_triton(
-            *map(heads, (q, k, v, gf, gb)), scale=scale, interpret=interpret, config=config
-        )
+        operands = split_packed(qkv, gf, gb, num_heads)
+        return bigla_triton(*operands, scale=scale, interpret=interpret, config=config)
     dk, dv = key_dim // num_heads, value_dim // num_heads
     scale = dk**-0.5 if scale is None else scale
     q_view = qkv.reshape(b, n, width // dk, dk)
