@@ -82,8 +82,8 @@ FP32_MAX_CHUNK = 32
 FP32_SPLIT_MAX_CHUNK = 16
 # Config.save_states=None keeps the forward's state carries up to this many tokens (ViG at
 # 512 px, patch 16) and recomputes them for longer sequences: ViG-T's training step at 1024 px,
-# batch 8 planned 3,614 MiB with the carries kept against DeiT-T's 3,543 (H100, ec4f0db), and
-# they were 576 MiB of it.
+# batch 8 planned 3,614 MiB with the carries kept against DeiT-T's 3,543 (H100, ec4f0db), of
+# which the carries are 576 MiB by their shapes.
 SAVE_STATES_MAX_TOKENS = 1024
 
 
