@@ -37,6 +37,7 @@ def bench_config(
     param_sharding: str,
     conv_implementation: str | None = None,
     output_implementation: str | None = None,
+    gate_implementation: str | None = None,
 ):
     """The model's official recipe at the benchmark's size on fake data.
 
@@ -53,13 +54,14 @@ def bench_config(
     config.model.dtype = dtype
     config.model.implementation = implementation
     if model.startswith("vig"):  # ViG / ViG-H only; resolved, so that rows record it
-        from vig_jax.bigla import default_output_implementation
+        from vig_jax.bigla import default_gate_implementation, default_output_implementation
         from vig_jax.dwconv import default_implementation
 
         config.model.conv_implementation = conv_implementation or default_implementation()
         config.model.output_implementation = (
             output_implementation or default_output_implementation()
         )
+        config.model.gate_implementation = gate_implementation or default_gate_implementation()
     config.model.patch_size = patch_size
     config.param_sharding = param_sharding
     config.total_steps = 10_000
@@ -109,6 +111,7 @@ def run_one(args, model: str) -> dict:
         args.param_sharding,
         args.conv_implementation,
         args.output_implementation,
+        args.gate_implementation,
     )
     mesh = sharding.make_mesh()
     t0 = time.perf_counter()
@@ -135,6 +138,7 @@ def run_one(args, model: str) -> dict:
         "implementation": args.implementation,
         "conv_implementation": config.model.conv_implementation,
         "output_implementation": config.model.output_implementation,
+        "gate_implementation": config.model.get("gate_implementation"),
         "param_sharding": args.param_sharding,
         "bare": args.bare,
         "median_step_ms": 1e3 * median,
@@ -163,6 +167,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--output-implementation", default=None, help="ViG gated output: xla | pallas (GPU)"
+    )
+    parser.add_argument(
+        "--gate-implementation", default=None, help="ViG forget gates: xla | pallas (GPU)"
     )
     parser.add_argument("--param-sharding", default="replicated")
     parser.add_argument(

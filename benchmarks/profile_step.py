@@ -72,6 +72,7 @@ def profile_model(model: str, args) -> dict:
         "replicated",
         args.conv_implementation,
         args.output_implementation,
+        args.gate_implementation,
     )
     mesh = sharding.make_mesh()
     comps = trainer.build_components(config, mesh, 1000, config.total_steps, config.warmup_steps)
@@ -105,6 +106,7 @@ def profile_model(model: str, args) -> dict:
         "bare": not args.full,
         "conv_implementation": config.model.conv_implementation,
         "output_implementation": config.model.output_implementation,
+        "gate_implementation": config.model.get("gate_implementation"),
         "kernel_ms": total,
         "wall_step_ms": wall_ms,
         "img_per_s_wall": args.batch / (wall_ms * 1e-3),
@@ -132,6 +134,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--output-implementation", default=None, help="ViG gated output: xla | pallas (GPU)"
+    )
+    parser.add_argument(
+        "--gate-implementation", default=None, help="ViG forget gates: xla | pallas (GPU)"
     )
     args = parser.parse_args()
     rows = [profile_model(m, args) for m in args.models.split(",")]

@@ -37,6 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ViG / ViG-H gated output: None = the backend's default ("pallas" on a GPU, else "xla")
     # (vig_jax/bigla.py).
     c.model.output_implementation = config_dict.placeholder(str)
+    # ViG / ViG-H forget gates: None = the backend's default ("pallas" on a GPU, else "xla")
+    # (vig_jax/bigla.py, pallas_kernels/gates.py).
+    c.model.gate_implementation = config_dict.placeholder(str)
     c.model.drop_path_rate = 0.0
     c.model.patch_size = config_dict.placeholder(int)  # None: the variant's (16).
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels import bigla_packed
+from pallas_kernels import gates as pallas_gates
 from pallas_kernels.gated_norm import gated_norm as pallas_gated_norm
 from vig_jax import fused
 from vig_jax.dwconv import check_implementation as check_conv_implementation
@@ -44,6 +45,10 @@ from vig_jax.layers import (
 # How the gated output runs: "xla" (vig_jax.fused) or "pallas" (pallas_kernels.gated_norm: one
 # forward and one backward kernel; the default on a GPU).
 OUTPUT_IMPLEMENTATIONS = ("xla", "pallas")
+# How the forget gates are made from the low-rank product: "xla" (two products and the
+# log-sigmoid, rematerialised in the backward) or "pallas" (pallas_kernels.gates: one forward and
+# one backward kernel; the default on a GPU).
+GATE_IMPLEMENTATIONS = ("xla", "pallas")
 GATE_LOW_RANK = 16  # gate_low_rank_dim
 GATE_NORMALIZER = 16.0  # gate_logit_normalizer
 
@@ -53,6 +58,13 @@ def default_output_implementation(head_width: int = 64, backend: str | None = No
     ``"xla"``."""
     gpu = (backend or jax.default_backend()) == "gpu"
     return "pallas" if gpu and head_width & (head_width - 1) == 0 else "xla"
+
+
+def default_gate_implementation(key_dim: int = 96, backend: str | None = None) -> str:
+    """``"pallas"`` on a GPU where :func:`pallas_kernels.gates.supports` the gate width, else
+    ``"xla"``."""
+    gpu = (backend or jax.default_backend()) == "gpu"
+    return "pallas" if gpu and pallas_gates.supports(GATE_LOW_RANK, key_dim) else "xla"
 
 
 def _conv_act(conv: nnx.Conv, u: jax.Array, act: bool, implementation: str) -> jax.Array:
@@ -65,7 +77,7 @@ def _conv_act(conv: nnx.Conv, u: jax.Array, act: bool, implementation: str) -> j
     return depthwise_conv3x3(u, kernel, implementation=implementation, dtype=conv.dtype, act=act)
 
 
-def _log_gates(gk_proj: nnx.List, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _log_gates(gk_proj: nnx.List, c: jax.Array, implementation: str) -> tuple[jax.Array, jax.Array]:
     """``logsigmoid(gk_proj[1](gk_proj[0](c))) / 16`` as (forward, backward) gates, each
     [B, N, d/2] in the gate dtype (>= fp32): the two halves of ``gk_proj[1]``'s output columns,
     computed as two products so that neither the gates nor their gradients are split or joined.
@@ -77,12 +89,15 @@ def _log_gates(gk_proj: nnx.List, c: jax.Array) -> tuple[jax.Array, jax.Array]:
     For the backward pass only the low-rank product [B, N, 16] is kept: the second product and
     the logsigmoid are rematerialised from it (a 16-deep product), because a residual of the
     gates themselves would be a second copy of what BiGLA keeps (custom-vjp residuals are
-    separate outputs of a scanned block), and the fp32 logits are as large.
+    separate outputs of a scanned block), and the fp32 logits are as large. ``implementation``
+    "pallas" does the same in two kernels (:func:`pallas_kernels.gates.log_gates`).
     """
     low = gk_proj[0](c)
     up = gk_proj[1]
     dtype = up.dtype or jnp.result_type(low, up.kernel[...])
     kernel, bias = up.kernel[...].astype(dtype), up.bias[...].astype(dtype)
+    if implementation == "pallas":
+        return pallas_gates.log_gates(low, kernel, bias, normalizer=GATE_NORMALIZER)
     return jax.checkpoint(_gate_directions, static_argnums=(3,))(low, kernel, bias, up.precision)
 
 
@@ -116,6 +131,10 @@ class BiGLA(nnx.Module):
     needs a power-of-two ``dim / num_heads``); None: :func:`default_output_implementation`
     ("pallas" on a GPU). Same parameters and values either way.
 
+    ``gate_implementation`` picks how the forget gates are made from the low-rank product:
+    ``"xla"`` or ``"pallas"`` (:mod:`pallas_kernels.gates`; needs ``dim / 2`` divisible by 16);
+    None: :func:`default_gate_implementation` ("pallas" on a GPU). Same parameters and values.
+
     ``conv_implementation`` picks how the depthwise conv runs (:mod:`vig_jax.dwconv`):
     ``"pallas"`` (Triton kernels with the SiLU fused; the default on a GPU), ``"shifted"``
     (nine shifted products, an XLA fusion of fixed cost; the default elsewhere) or ``"cudnn"``
@@ -145,6 +164,7 @@ class BiGLA(nnx.Module):
         implementation: str | None = None,
         conv_implementation: str | None = None,
         output_implementation: str | None = None,
+        gate_implementation: str | None = None,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -157,7 +177,18 @@ class BiGLA(nnx.Module):
         head_v = dim // num_heads
         conv_implementation = conv_implementation or default_conv_implementation()
         output_implementation = output_implementation or default_output_implementation(head_v)
+        gate_implementation = gate_implementation or default_gate_implementation(dim // 2)
         check_conv_implementation(conv_implementation, "conv_implementation")
+        if gate_implementation not in GATE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"gate_implementation={gate_implementation!r}; "
+                f"expected one of {GATE_IMPLEMENTATIONS}"
+            )
+        if gate_implementation == "pallas" and not pallas_gates.supports(GATE_LOW_RANK, dim // 2):
+            raise ValueError(
+                f"gate_implementation='pallas' needs a gate width dim / 2 divisible by 16; "
+                f"dim = {dim}"
+            )
         if output_implementation not in OUTPUT_IMPLEMENTATIONS:
             raise ValueError(
                 f"output_implementation={output_implementation!r}; "
@@ -178,6 +209,7 @@ class BiGLA(nnx.Module):
         self.implementation = implementation
         self.conv_implementation = conv_implementation
         self.output_implementation = output_implementation
+        self.gate_implementation = gate_implementation
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         gate_dtype = jnp.promote_types(param_dtype if dtype is None else dtype, jnp.float32)
         gate_kw = dict(dtype=gate_dtype, param_dtype=param_dtype, rngs=rngs)
@@ -234,7 +266,7 @@ class BiGLA(nnx.Module):
             conv_act = nnx.remat(_conv_act, static_argnums=(2, 3))
         c = conv_act(self.in_proj, u, self.conv_act, self.conv_implementation)
         c = c.reshape(b, n, d)
-        gf, gb = _log_gates(self.gk_proj, c)
+        gf, gb = _log_gates(self.gk_proj, c, self.gate_implementation)
         o = bigla_packed(  # q | k | v read in place
             self.qkv_proj(c), gf, gb, num_heads=heads, implementation=self.implementation
         )

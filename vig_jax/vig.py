@@ -85,6 +85,7 @@ class ViGBlock(nnx.Module):
         implementation: str | None,
         conv_implementation: str | None = None,
         output_implementation: str | None = None,
+        gate_implementation: str | None = None,
         dtype: Dtype | None,
         param_dtype: Dtype,
         rngs: nnx.Rngs,
@@ -100,6 +101,7 @@ class ViGBlock(nnx.Module):
             implementation=implementation,
             conv_implementation=conv_implementation,
             output_implementation=output_implementation,
+            gate_implementation=gate_implementation,
             **kw,
         )
         self.mlp_norm = rms_norm(dim, **kw)
@@ -132,6 +134,7 @@ class ViG(nnx.Module):
         implementation: str | None = None,
         conv_implementation: str | None = None,
         output_implementation: str | None = None,
+        gate_implementation: str | None = None,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -167,6 +170,7 @@ class ViG(nnx.Module):
                     implementation=implementation,
                     conv_implementation=conv_implementation,
                     output_implementation=output_implementation,
+                    gate_implementation=gate_implementation,
                     **kw,
                 )
                 for r in drop_path_rates(rate, config.depth)

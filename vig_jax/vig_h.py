@@ -85,6 +85,7 @@ class ViGHBlock(nnx.Module):
         implementation: str | None,
         conv_implementation: str | None = None,
         output_implementation: str | None = None,
+        gate_implementation: str | None = None,
         dtype: Dtype | None,
         param_dtype: Dtype,
         rngs: nnx.Rngs,
@@ -100,6 +101,7 @@ class ViGHBlock(nnx.Module):
             implementation=implementation,
             conv_implementation=conv_implementation,
             output_implementation=output_implementation,
+            gate_implementation=gate_implementation,
             **kw,
         )
         self.norm2 = layer_norm(dim, **kw)
@@ -138,6 +140,7 @@ class ViGHStage(nnx.Module):
         implementation: str | None,
         conv_implementation: str | None = None,
         output_implementation: str | None = None,
+        gate_implementation: str | None = None,
         dtype: Dtype | None,
         param_dtype: Dtype,
         rngs: nnx.Rngs,
@@ -152,6 +155,7 @@ class ViGHStage(nnx.Module):
                     implementation=implementation,
                     conv_implementation=conv_implementation,
                     output_implementation=output_implementation,
+                    gate_implementation=gate_implementation,
                     **kw,
                 )
                 for r in drop_paths
@@ -198,6 +202,7 @@ class ViGH(nnx.Module):
         implementation: str | None = None,
         conv_implementation: str | None = None,
         output_implementation: str | None = None,
+        gate_implementation: str | None = None,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -234,6 +239,7 @@ class ViGH(nnx.Module):
                     implementation=implementation,
                     conv_implementation=conv_implementation,
                     output_implementation=output_implementation,
+                    gate_implementation=gate_implementation,
                     **kw,
                 )
             )
