@@ -332,19 +332,21 @@ def test_bf16_compute_keeps_fp32_params_and_logits(tiny_vig_t):
     assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
 
 
-def test_bf16_gate_path_takes_bf16_inputs_and_sums_in_fp32():
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_bf16_gate_path_takes_bf16_inputs_and_sums_in_fp32(implementation):
     """The first gate product multiplies bf16 ``c`` and the bf16-rounded kernel with fp32 sums;
-    the log gates come out in fp32, equal to float64 math on those rounded inputs."""
+    the log gates come out in fp32, equal to float64 math on those rounded inputs (either gate
+    implementation)."""
     op = BiGLA(64, 2, conv_act=True, out_act=True, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     c = jax.random.normal(jax.random.key(2), (2, 9, 64)).astype(jnp.bfloat16)
-    gates = jnp.concatenate(_log_gates(op.gk_proj, c), axis=-1)
+    gates = jnp.concatenate(_log_gates(op.gk_proj, c, implementation), axis=-1)
     assert gates.dtype == jnp.float32 and gates.shape == (2, 9, 64)
     as64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
     w0 = as64(op.gk_proj[0].kernel[...].astype(jnp.bfloat16))
     logits = as64(c) @ w0 @ as64(op.gk_proj[1].kernel[...]) + as64(op.gk_proj[1].bias[...])
     expected = -np.logaddexp(0.0, -logits) / GATE_NORMALIZER
     np.testing.assert_allclose(np.asarray(gates), expected, rtol=1e-5, atol=1e-6)
-    jaxpr = str(jax.make_jaxpr(lambda c: _log_gates(op.gk_proj, c))(c))
+    jaxpr = str(jax.make_jaxpr(lambda c: _log_gates(op.gk_proj, c, implementation))(c))
     assert "convert_element_type[new_dtype=float32" not in jaxpr.split("dot_general")[0]
 
 
