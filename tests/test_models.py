@@ -20,7 +20,14 @@ from official_state_dict import OFFICIAL_PARAM_COUNTS
 
 from vig_jax import create_model, list_models, register_model
 from vig_jax.bigla import GATE_NORMALIZER, BiGLA, _log_gates
-from vig_jax.layers import DropPath, resize_pos_embed, torch_bicubic_matrix
+from vig_jax.layers import (
+    DropPath,
+    conv_as_product,
+    resize_pos_embed,
+    stem_geometry,
+    torch_bicubic_matrix,
+    torch_conv,
+)
 from vig_jax.vig_h import ViGH, ViGHConfig
 
 DATA = pathlib.Path(__file__).parent / "data"
@@ -315,6 +322,27 @@ def test_model_drop_path_is_stochastic_in_train_and_deterministic_in_eval(tiny_v
         model.eval()
     assert not np.allclose(a, b)  # new masks per call
     assert not np.allclose(a, a[:1])  # per-sample masks within a batch
+
+
+# ----------------------------------------------------------------------------- stem
+@pytest.mark.parametrize(
+    "patch,hierarchical,size", [(16, False, 224), (16, False, 37), (4, True, 30)]
+)
+def test_stem_conv_as_product_equals_lax_conv(x64, patch, hierarchical, size):
+    """The first stem convolution as one product of its input windows: the values and the
+    kernel / bias gradients of ``lax.conv`` (nnx.Conv) in float64, odd sizes included."""
+    kernel, stride, padding = stem_geometry(patch, hierarchical)[0]
+    conv = torch_conv(3, 8, kernel, stride, padding, dtype=None, param_dtype=jnp.float64,
+                      rngs=nnx.Rngs(0))  # fmt: skip
+    x = jax.random.normal(jax.random.key(1), (2, size, size + 3, 3), jnp.float64)
+    np.testing.assert_allclose(conv_as_product(conv, x), conv(x), rtol=1e-12, atol=1e-12)
+    loss = lambda f: lambda c: jnp.sum(jnp.sin(f(c)))
+    want = nnx.grad(loss(lambda c: c(x)))(conv)
+    got = nnx.grad(loss(lambda c: conv_as_product(c, x)))(conv)
+    for name in ("kernel", "bias"):
+        np.testing.assert_allclose(
+            getattr(got, name)[...], getattr(want, name)[...], rtol=1e-11, atol=1e-11
+        )
 
 
 # ----------------------------------------------------------------------------- dtypes
