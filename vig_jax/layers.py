@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels import rms_norm as pallas_rms_norm
 from vig_jax import fused
 
 Dtype = jnp.dtype | type
@@ -95,13 +96,27 @@ def normal_init(std: float = INIT_STD) -> Initializer:
 
 
 # ----------------------------------------------------------------------------- norms
+NORM_IMPLEMENTATIONS = ("xla", "pallas")
+
+
+def default_norm_implementation(dim: int, backend: str | None = None) -> str:
+    """``"pallas"`` (:mod:`pallas_kernels.rms_norm`) on a GPU where ``dim`` splits into
+    power-of-two tiles of at least 16, else ``"xla"`` (:func:`vig_jax.fused.rms_norm`)."""
+    gpu = (backend or jax.default_backend()) == "gpu"
+    return "pallas" if gpu and pallas_rms_norm.tile_width(dim) is not None else "xla"
+
+
 class RMSNorm(nnx.RMSNorm):
-    """``nnx.RMSNorm`` over the last axis computed by :func:`vig_jax.fused.rms_norm`.
+    """``nnx.RMSNorm`` over the last axis computed by :func:`vig_jax.fused.rms_norm` (attribute
+    ``implementation`` "xla") or :func:`pallas_kernels.rms_norm.rms_norm` ("pallas": one
+    forward and one backward kernel).
 
     Same parameter (``scale`` [D]) and forward formula; the arithmetic is fp32 (the input is
     first cast to ``dtype`` as in Flax, the scale is not rounded to it), and the backward pass
     keeps only the input and the per-row statistics.
     """
+
+    implementation: str = "xla"
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """[..., D] -> [..., D] in ``dtype`` (default: the input's and the scale's promoted)."""
@@ -110,15 +125,34 @@ class RMSNorm(nnx.RMSNorm):
         if self.dtype is not None:
             x = x.astype(self.dtype)
         scale = self.scale[...]
-        out_dtype = self.dtype if self.dtype is not None else jnp.result_type(x, scale)
-        return fused.rms_norm(x, scale, self.epsilon, jnp.dtype(out_dtype))
+        out_dtype = jnp.dtype(self.dtype if self.dtype is not None else jnp.result_type(x, scale))
+        if self.implementation == "pallas":
+            return pallas_rms_norm.rms_norm(x, scale, eps=self.epsilon, out_dtype=out_dtype)
+        return fused.rms_norm(x, scale, self.epsilon, out_dtype)
 
 
 def rms_norm(
-    dim: int, *, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs
+    dim: int,
+    *,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    implementation: str | None = None,
+    rngs: nnx.Rngs,
 ) -> RMSNorm:
-    """FLA's RMSNorm over the last axis: ``x / sqrt(mean(x^2) + 1e-6) * scale`` (stats in fp32)."""
-    return RMSNorm(dim, epsilon=RMS_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    """FLA's RMSNorm over the last axis: ``x / sqrt(mean(x^2) + 1e-6) * scale`` (stats in fp32).
+
+    ``implementation``: "xla" or "pallas"; None: :func:`default_norm_implementation`.
+    """
+    implementation = implementation or default_norm_implementation(dim)
+    if implementation not in NORM_IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation={implementation!r}; expected one of {NORM_IMPLEMENTATIONS}"
+        )
+    if implementation == "pallas" and pallas_rms_norm.tile_width(dim) is None:
+        raise ValueError(f"implementation='pallas' needs dim divisible by 16; dim = {dim}")
+    norm = RMSNorm(dim, epsilon=RMS_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    norm.implementation = implementation
+    return norm
 
 
 def layer_norm(
