@@ -392,6 +392,8 @@ class _Model:
         attention_impl: str | None = None,
         conv_impl: str | None = None,
         output_impl: str | None = None,
+        gate_impl: str | None = None,
+        norm_impl: str | None = None,
     ):
         import jax.numpy as jnp
         import optax
@@ -399,7 +401,7 @@ class _Model:
 
         from pallas_kernels.bigla import api as bigla_api
         from vig_jax import create_model, deit
-        from vig_jax.bigla import default_output_implementation
+        from vig_jax.bigla import default_gate_implementation, default_output_implementation
         from vig_jax.dwconv import default_implementation as default_conv
 
         if dtype not in DTYPES:
@@ -415,6 +417,9 @@ class _Model:
         vig = model.startswith("vig")
         self.conv_impl = (conv_impl or default_conv()) if vig else None
         self.output_impl = (output_impl or default_output_implementation()) if vig else None
+        self.gate_impl = (gate_impl or default_gate_implementation()) if vig else None
+        # Plain ViG's RMSNorms (ViG-H has LayerNorms): passed only when asked for.
+        self.norm_impl = norm_impl
         self.create_model = create_model
         self.tx = optax.adamw(1e-3, weight_decay=0.05)
 
@@ -430,6 +435,8 @@ class _Model:
             rngs=self.nnx.Rngs(0),
             **({"conv_implementation": self.conv_impl} if self.conv_impl else {}),
             **({"output_implementation": self.output_impl} if self.output_impl else {}),
+            **({"gate_implementation": self.gate_impl} if self.gate_impl else {}),
+            **({"norm_implementation": self.norm_impl} if self.norm_impl else {}),
         )
 
     def graphdefs(self):
@@ -508,6 +515,8 @@ class ChildConfig:
     attention_impl: str | None = None
     conv_impl: str | None = None
     output_impl: str | None = None
+    gate_impl: str | None = None
+    norm_impl: str | None = None
     warmup: int = 2
     max_steps: int = 20
     min_steps: int = 3
@@ -602,6 +611,8 @@ class _Child:
             self.cfg.attention_impl,
             self.cfg.conv_impl,
             self.cfg.output_impl,
+            self.cfg.gate_impl,
+            self.cfg.norm_impl,
         )
         graphdef_train, graphdef_eval, params, rest = m.graphdefs()
         opt = jax.eval_shape(m.tx.init, params)
@@ -699,6 +710,10 @@ class _Child:
             row["conv_implementation"] = p.model.conv_impl
         if p.model.output_impl:
             row["output_implementation"] = p.model.output_impl
+        if p.model.gate_impl:
+            row["gate_implementation"] = p.model.gate_impl
+        if p.model.norm_impl:
+            row["norm_implementation"] = p.model.norm_impl
         t0 = time.perf_counter()
         peak0 = self.peak()
         params, rest = self.device_state(p)
@@ -905,6 +920,8 @@ def child_main(cfg: ChildConfig) -> None:
                 cfg.attention_impl,
                 cfg.conv_impl,
                 cfg.output_impl,
+                cfg.gate_impl,
+                cfg.norm_impl,
             )
             pool.submit(child.host_init, model)
         futures = {pool.submit(child.prepare, i, u): (i, u) for i, u in compile_order(units)}
@@ -1190,6 +1207,8 @@ class Runner:
             attention_impl=args.attention_impl,
             conv_impl=args.conv_impl,
             output_impl=args.output_impl,
+            gate_impl=args.gate_impl,
+            norm_impl=args.norm_impl,
             warmup=args.warmup,
             max_steps=args.steps,
             min_steps=min(3, args.steps),
@@ -1678,6 +1697,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ViG depthwise conv (vig_jax.dwconv.IMPLEMENTATIONS; default: pallas on a GPU)",
     )
     p.add_argument("--output-impl", default=None, help="ViG gated output: xla | pallas (GPU)")
+    p.add_argument("--gate-impl", default=None, help="ViG forget gates: xla | pallas (GPU)")
+    p.add_argument(
+        "--norm-impl", default=None, help="plain ViG's RMSNorms: xla | pallas (GPU); ViG-H: unset"
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=20, help="most timed steps per measurement")
     p.add_argument("--measure-seconds", type=float, default=1.0)

@@ -38,6 +38,7 @@ def bench_config(
     conv_implementation: str | None = None,
     output_implementation: str | None = None,
     gate_implementation: str | None = None,
+    norm_implementation: str | None = None,
 ):
     """The model's official recipe at the benchmark's size on fake data.
 
@@ -62,6 +63,7 @@ def bench_config(
             output_implementation or default_output_implementation()
         )
         config.model.gate_implementation = gate_implementation or default_gate_implementation()
+        config.model.norm_implementation = norm_implementation  # plain ViG only; None: default
     config.model.patch_size = patch_size
     config.param_sharding = param_sharding
     config.total_steps = 10_000
@@ -112,6 +114,7 @@ def run_one(args, model: str) -> dict:
         args.conv_implementation,
         args.output_implementation,
         args.gate_implementation,
+        args.norm_implementation,
     )
     mesh = sharding.make_mesh()
     t0 = time.perf_counter()
@@ -139,6 +142,7 @@ def run_one(args, model: str) -> dict:
         "conv_implementation": config.model.conv_implementation,
         "output_implementation": config.model.output_implementation,
         "gate_implementation": config.model.get("gate_implementation"),
+        "norm_implementation": config.model.get("norm_implementation"),
         "param_sharding": args.param_sharding,
         "bare": args.bare,
         "median_step_ms": 1e3 * median,
@@ -170,6 +174,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--gate-implementation", default=None, help="ViG forget gates: xla | pallas (GPU)"
+    )
+    parser.add_argument(
+        "--norm-implementation", default=None, help="plain ViG's RMSNorms: xla | pallas (GPU)"
     )
     parser.add_argument("--param-sharding", default="replicated")
     parser.add_argument(

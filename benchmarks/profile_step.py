@@ -73,6 +73,7 @@ def profile_model(model: str, args) -> dict:
         args.conv_implementation,
         args.output_implementation,
         args.gate_implementation,
+        args.norm_implementation,
     )
     mesh = sharding.make_mesh()
     comps = trainer.build_components(config, mesh, 1000, config.total_steps, config.warmup_steps)
@@ -107,6 +108,7 @@ def profile_model(model: str, args) -> dict:
         "conv_implementation": config.model.conv_implementation,
         "output_implementation": config.model.output_implementation,
         "gate_implementation": config.model.get("gate_implementation"),
+        "norm_implementation": config.model.get("norm_implementation"),
         "kernel_ms": total,
         "wall_step_ms": wall_ms,
         "img_per_s_wall": args.batch / (wall_ms * 1e-3),
@@ -137,6 +139,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--gate-implementation", default=None, help="ViG forget gates: xla | pallas (GPU)"
+    )
+    parser.add_argument(
+        "--norm-implementation", default=None, help="plain ViG's RMSNorms: xla | pallas (GPU)"
     )
     args = parser.parse_args()
     rows = [profile_model(m, args) for m in args.models.split(",")]

@@ -40,6 +40,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ViG / ViG-H forget gates: None = the backend's default ("pallas" on a GPU, else "xla")
     # (vig_jax/bigla.py, pallas_kernels/gates.py).
     c.model.gate_implementation = config_dict.placeholder(str)
+    # Plain ViG's RMSNorms (ViG-H has LayerNorms: leave unset): None = the backend's default
+    # (vig_jax/layers.py default_norm_implementation), "xla" or "pallas"
+    # (pallas_kernels/rms_norm.py).
+    c.model.norm_implementation = config_dict.placeholder(str)
     c.model.drop_path_rate = 0.0
     c.model.patch_size = config_dict.placeholder(int)  # None: the variant's (16).
 

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from pallas_kernels import gates
+from vig_jax import bigla as vig_bigla
 from vig_jax.bigla import BiGLA, default_gate_implementation
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -132,10 +133,13 @@ def test_bigla_module_with_either_gate_path():
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 
 
-def test_default_gate_implementation():
+def test_default_gate_implementation(monkeypatch):
+    monkeypatch.setattr(vig_bigla, "PALLAS_GATES_BY_DEFAULT", True)
     assert default_gate_implementation(96, backend="gpu") == "pallas"
     assert default_gate_implementation(96, backend="cpu") == "xla"
     assert default_gate_implementation(24, backend="gpu") == "xla"  # no 16-wide tile
+    monkeypatch.setattr(vig_bigla, "PALLAS_GATES_BY_DEFAULT", False)
+    assert default_gate_implementation(96, backend="gpu") == "xla"
     assert gates.tile_width(96) == 32 and gates.tile_width(512) == 128
     assert gates.tile_width(24) is None
 

@@ -8,6 +8,7 @@ bicubic interpolation (tests/data/torch_reference.npz) and independent float64 f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 
@@ -28,6 +29,7 @@ from vig_jax.layers import (
     torch_bicubic_matrix,
     torch_conv,
 )
+from vig_jax.vig import VIG_CONFIGS, ViG
 from vig_jax.vig_h import ViGH, ViGHConfig
 
 DATA = pathlib.Path(__file__).parent / "data"
@@ -322,6 +324,26 @@ def test_model_drop_path_is_stochastic_in_train_and_deterministic_in_eval(tiny_v
         model.eval()
     assert not np.allclose(a, b)  # new masks per call
     assert not np.allclose(a, a[:1])  # per-sample masks within a batch
+
+
+def test_vig_with_the_pallas_gates_and_norms_matches_xla():
+    """A two-block ViG-T with ``gate_implementation`` and ``norm_implementation`` "pallas"
+    (interpreted here) gives the logits and parameter gradients of the XLA paths."""
+    config = dataclasses.replace(VIG_CONFIGS["vig_t"], depth=2)
+    kw = dict(img_size=32, patch_size=4, num_classes=5, implementation="xla")
+    x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+    ref = ViG(config, **kw, rngs=nnx.Rngs(0))
+    kernels = ViG(
+        config, **kw, gate_implementation="pallas", norm_implementation="pallas", rngs=nnx.Rngs(0)
+    )
+    block = kernels.blocks[0]
+    assert block.attn.gate_implementation == "pallas" and block.mlp_norm.implementation == "pallas"
+    assert ref.blocks[0].attn.gate_implementation == "xla" and ref.norm.implementation == "xla"
+    loss = lambda m: jnp.sum(jnp.sin(m(x)))
+    (l_ref, g_ref), (l_ker, g_ker) = (nnx.value_and_grad(loss)(m) for m in (ref, kernels))
+    np.testing.assert_allclose(l_ker, l_ref, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_ker), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
 
 
 # ----------------------------------------------------------------------------- stem

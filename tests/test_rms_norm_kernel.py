@@ -119,10 +119,13 @@ def test_cuda_lowering_has_two_triton_calls():
     assert text.count("__gpu$xla.gpu.triton") == 2
 
 
-def test_defaults_and_bad_inputs():
+def test_defaults_and_bad_inputs(monkeypatch):
+    monkeypatch.setattr(layers, "PALLAS_NORM_BY_DEFAULT", True)
     assert layers.default_norm_implementation(192, backend="gpu") == "pallas"
     assert layers.default_norm_implementation(192, backend="cpu") == "xla"
     assert layers.default_norm_implementation(40, backend="gpu") == "xla"
+    monkeypatch.setattr(layers, "PALLAS_NORM_BY_DEFAULT", False)
+    assert layers.default_norm_implementation(192, backend="gpu") == "xla"
     assert rn.tile_width(192) == 64 and rn.tile_width(768) == 128 and rn.tile_width(24) is None
     x, w = jnp.ones((3, 64)), jnp.ones(64)
     with pytest.raises(ValueError, match=r"expected \(64,\)"):

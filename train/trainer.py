@@ -74,7 +74,12 @@ def model_builder(config: ml_collections.ConfigDict, num_classes: int) -> Callab
     """A zero-argument function creating the configured model (for eval_shape and init)."""
     mc = config.model
     extra = {}
-    for key in ("conv_implementation", "output_implementation", "gate_implementation"):
+    for key in (
+        "conv_implementation",
+        "output_implementation",
+        "gate_implementation",
+        "norm_implementation",
+    ):
         if mc.get(key):
             extra[key] = mc[key]
 

@@ -47,7 +47,7 @@ from vig_jax.layers import (
 OUTPUT_IMPLEMENTATIONS = ("xla", "pallas")
 # How the forget gates are made from the low-rank product: "xla" (two products and the
 # log-sigmoid, rematerialised in the backward) or "pallas" (pallas_kernels.gates: one forward and
-# one backward kernel; the default on a GPU).
+# one backward kernel).
 GATE_IMPLEMENTATIONS = ("xla", "pallas")
 GATE_LOW_RANK = 16  # gate_low_rank_dim
 GATE_NORMALIZER = 16.0  # gate_logit_normalizer
@@ -60,11 +60,18 @@ def default_output_implementation(head_width: int = 64, backend: str | None = No
     return "pallas" if gpu and head_width & (head_width - 1) == 0 else "xla"
 
 
+# The Pallas gate kernels are tested (float64 in interpret mode, fp32 against float64, the CUDA
+# lowering) but were not yet run or timed on a GPU (this session's device time ran out):
+# "xla" stays the GPU default until an H100 run shows them correct and faster.
+PALLAS_GATES_BY_DEFAULT = False
+
+
 def default_gate_implementation(key_dim: int = 96, backend: str | None = None) -> str:
-    """``"pallas"`` on a GPU where :func:`pallas_kernels.gates.supports` the gate width, else
-    ``"xla"``."""
+    """``"pallas"`` on a GPU where :func:`pallas_kernels.gates.supports` the gate width and
+    ``PALLAS_GATES_BY_DEFAULT`` is set, else ``"xla"``."""
     gpu = (backend or jax.default_backend()) == "gpu"
-    return "pallas" if gpu and pallas_gates.supports(GATE_LOW_RANK, key_dim) else "xla"
+    usable = gpu and pallas_gates.supports(GATE_LOW_RANK, key_dim)
+    return "pallas" if PALLAS_GATES_BY_DEFAULT and usable else "xla"
 
 
 def _conv_act(conv: nnx.Conv, u: jax.Array, act: bool, implementation: str) -> jax.Array:
@@ -133,7 +140,8 @@ class BiGLA(nnx.Module):
 
     ``gate_implementation`` picks how the forget gates are made from the low-rank product:
     ``"xla"`` or ``"pallas"`` (:mod:`pallas_kernels.gates`; needs ``dim / 2`` divisible by 16);
-    None: :func:`default_gate_implementation` ("pallas" on a GPU). Same parameters and values.
+    None: :func:`default_gate_implementation` ("xla" until the kernels are timed on a GPU). Same
+    parameters and values.
 
     ``conv_implementation`` picks how the depthwise conv runs (:mod:`vig_jax.dwconv`):
     ``"pallas"`` (Triton kernels with the SiLU fused; the default on a GPU), ``"shifted"``

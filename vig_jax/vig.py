@@ -86,12 +86,13 @@ class ViGBlock(nnx.Module):
         conv_implementation: str | None = None,
         output_implementation: str | None = None,
         gate_implementation: str | None = None,
+        norm_implementation: str | None = None,
         dtype: Dtype | None,
         param_dtype: Dtype,
         rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.attn_norm = rms_norm(dim, **kw)
+        self.attn_norm = rms_norm(dim, implementation=norm_implementation, **kw)
         self.attn = BiGLA(
             dim,
             num_heads,
@@ -104,7 +105,7 @@ class ViGBlock(nnx.Module):
             gate_implementation=gate_implementation,
             **kw,
         )
-        self.mlp_norm = rms_norm(dim, **kw)
+        self.mlp_norm = rms_norm(dim, implementation=norm_implementation, **kw)
         self.mlp = SwiGLU(dim, vig_mlp_hidden(dim), kernel_init=normal_init(), **kw)
         self.drop_path = DropPath(drop_path, rngs=rngs)
 
@@ -135,6 +136,7 @@ class ViG(nnx.Module):
         conv_implementation: str | None = None,
         output_implementation: str | None = None,
         gate_implementation: str | None = None,
+        norm_implementation: str | None = None,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -171,12 +173,13 @@ class ViG(nnx.Module):
                     conv_implementation=conv_implementation,
                     output_implementation=output_implementation,
                     gate_implementation=gate_implementation,
+                    norm_implementation=norm_implementation,
                     **kw,
                 )
                 for r in drop_path_rates(rate, config.depth)
             ]
         )
-        self.norm = rms_norm(d, **kw)
+        self.norm = rms_norm(d, implementation=norm_implementation, **kw)
         self.head = (
             nnx.Linear(d, num_classes, kernel_init=normal_init(), **kw) if num_classes else None
         )
