@@ -261,9 +261,12 @@ def conv_as_product(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     matrix product of the input windows ([B, h, w, k k C] @ [k k C, O]); the windows are
     rebuilt in the backward pass (rematerialised), not kept.
 
-    For the stem's first convolution (3 input channels): cuDNN ran ViG-T's (k9 s8, 224 px,
-    batch 128, bf16) in a generic kernel plus a channel-padding pass, 0.42 ms of the H100
-    training step, against ~0.05 ms of bandwidth for the windows.
+    For the stem's first convolution (3 input channels). In the H100 profile of ViG-T's training
+    step at ea769b4 (224 px, batch 128, bf16; ``benchmarks/profile_step.py``) cuDNN's stem
+    kernels were a generic ``convolve_common_engine_float_NHWC``, an ``nhwcAddPadding`` pass and
+    a cutlass weight-gradient kernel, 0.42 ms together (DeiT-T's 3-channel patch conv shows the
+    same generic kernel), where the windows of this one ([128, 28, 28, 243] bf16) take ~0.05 ms
+    of bandwidth. The product form is not yet timed on a GPU.
     """
     (top, _), (left, _) = conv.padding
     kernel = conv.kernel[...]
