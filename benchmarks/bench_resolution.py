@@ -52,10 +52,19 @@ are written to ``--out`` as they arrive; ``--max-seconds`` bounds the sweep; ``-
 units already measured. Prints a table and draws three panels (throughput, memory, FLOPs
 against resolution) with the official code's numbers (vig-reference.md section 13) marked.
 
-    # NEXT SESSION (H100), one `run` call each, timeout_s=600 (give --max-seconds >= 200: the
-    # deadline skips a chunk it cannot compile and time). First the bars with the GPU defaults
-    # (Pallas conv and gated output, packed BiGLA, states recomputed past 1,024 tokens; the
-    # last full run, before that memory change, is resolution_bars_h100_006b448.json):
+    # NEXT SESSION (H100), one `run` call, timeout_s=600 (give --max-seconds >= 200: the
+    # deadline skips a chunk it cannot compile and time; keep few files under $OUT, a run with
+    # many lost its JSON). The Pallas gate and RMSNorm kernels (1edc7fb, 280d4ae) are off by
+    # default until timed: first their GPU tests, then the 224 px bar with them on and off
+    # (ea769b4, all off: 0.71x; resolution_bars_h100_ea769b4.log), then flip
+    # PALLAS_GATES_BY_DEFAULT / PALLAS_NORM_BY_DEFAULT where they win:
+    python3 -m pytest -q tests/test_gates_kernel.py tests/test_rms_norm_kernel.py
+    python3 -m benchmarks.bench_resolution --models vig_t,deit_t --resolutions 224 \
+        --dtypes bfloat16 --no-flops --max-seconds 200 --gate-impl pallas --norm-impl pallas \
+        --out $OUT/bars224_kernels.json
+    python3 -m benchmarks.profile_step --models vig_t --gate-implementation pallas \
+        --norm-implementation pallas --top 40   # and without the two flags
+    # The bars at all three sizes (last run: ea769b4, 224 / 1024 / 2048 at 0.71x / 1.22x / 2.79x):
     python3 -m benchmarks.bench_resolution --models vig_t,deit_t --resolutions 224,1024,2048 \
         --dtypes bfloat16 --no-flops --max-seconds 400 --out $OUT/resolution_bars.json
     # then the rest (ViG-S / DeiT-S past 224 px, fp32), continuing a committed JSON:
