@@ -29,6 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.rows import check_powers_of_two
+
 TAPS = 9
 TAPS_PAD = 16  # weights are [16, C] inside the kernels (power-of-two blocks)
 
@@ -49,10 +51,7 @@ class Config:
     num_warps: int = 4
 
     def __post_init__(self):
-        for name in ("block_rows", "block_channels", "num_warps"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"{name}={value}; expected a power of two")
+        check_powers_of_two(self, ("block_rows", "block_channels", "num_warps"))
 
 
 def reference(x: jax.Array, kernel: jax.Array, act: bool = False) -> jax.Array:

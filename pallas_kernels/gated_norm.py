@@ -33,6 +33,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.rows import check_powers_of_two, row_block, whole
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -47,10 +49,7 @@ class Config:
     num_warps: int = 4
 
     def __post_init__(self):
-        for name in ("block_rows", "num_warps"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"{name}={value}; expected a power of two")
+        check_powers_of_two(self, ("block_rows", "num_warps"))
 
 
 def reference(o, c, z, weight_o, weight_c, eps: float, act: bool) -> jax.Array:
@@ -67,14 +66,6 @@ def reference(o, c, z, weight_o, weight_c, eps: float, act: bool) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------- kernels
-def _rows(block_rows: int, dv: int, rows: int):
-    """(first row of this program, [BR, Dv] mask of rows inside the array)."""
-    index = jax.dtypes.canonicalize_dtype(jnp.int64)  # the slices' 0 is int64 under x64
-    start = (pl.program_id(0) * block_rows).astype(index)
-    row = start + lax.broadcasted_iota(start.dtype, (block_rows, dv), 0)
-    return start, row < rows
-
-
 def _load(ref, start, mask, block_rows, dtype):
     x = plt.load(ref.at[pl.ds(start, block_rows), :], mask=mask, other=0)
     return x.astype(dtype)
@@ -97,7 +88,7 @@ def _parts(o, c, z, wo, wc, eps):
 def _forward_kernel(o_ref, c_ref, z_ref, wo_ref, wc_ref, y_ref, *, rows, block_rows, eps, act):
     dv = o_ref.shape[-1]
     ct = wo_ref.dtype
-    start, mask = _rows(block_rows, dv, rows)
+    start, mask = row_block(block_rows, rows, dv)
     o, c, z = (_load(r, start, mask, block_rows, ct) for r in (o_ref, c_ref, z_ref))
     wo, wc = wo_ref[...][None, :], wc_ref[...][None, :]
     *_, y = _parts(o, c, z, wo, wc, eps)
@@ -110,7 +101,7 @@ def _backward_kernel(
 ):  # fmt: skip
     dv = o_ref.shape[-1]
     ct = wo_ref.dtype
-    start, mask = _rows(block_rows, dv, rows)
+    start, mask = row_block(block_rows, rows, dv)
     o, c, z, g = (_load(r, start, mask, block_rows, ct) for r in (o_ref, c_ref, z_ref, g_ref))
     wo, wc = wo_ref[...][None, :], wc_ref[...][None, :]
     no, nc, rstd_o, rstd_c, s, y = _parts(o, c, z, wo, wc, eps)
@@ -134,11 +125,7 @@ def _backward_kernel(
 
 # ----------------------------------------------------------------------------------- calls
 def _specs(rows: int, dv: int):
-    # Whole-array blocks, rows sliced and masked in the kernels: the Triton lowering does not
-    # mask a ragged last [BR, Dv] block (pallas_kernels/dwconv.py).
-    matrix = pl.BlockSpec((rows, dv), lambda i: (0, 0))
-    vector = pl.BlockSpec((dv,), lambda i: (0,))
-    return matrix, vector
+    return whole((rows, dv)), whole((dv,))
 
 
 def _params(config: Config):

@@ -35,6 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.rows import check_powers_of_two, row_block, whole
+
 MAX_TILE = 128  # widest column tile of W per product
 MIN_WIDTH = 16  # Triton's smallest product dimension
 
@@ -52,10 +54,7 @@ class Config:
     num_warps: int = 4
 
     def __post_init__(self):
-        for name in ("block_rows", "num_warps"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"{name}={value}; expected a power of two")
+        check_powers_of_two(self, ("block_rows", "num_warps"))
         if self.block_rows < MIN_WIDTH:
             raise ValueError(f"block_rows={self.block_rows}; expected >= {MIN_WIDTH}")
 
@@ -87,14 +86,6 @@ def reference(
 
 
 # ----------------------------------------------------------------------------------- kernels
-def _rows(block_rows: int, rows: int, width: int):
-    """(first row of this program, [BR, width] mask of rows inside the array)."""
-    index = jax.dtypes.canonicalize_dtype(jnp.int64)  # the slices' 0 is int64 under x64
-    start = (pl.program_id(0) * block_rows).astype(index)
-    row = start + lax.broadcasted_iota(start.dtype, (block_rows, width), 0)
-    return start, row < rows
-
-
 def _product(a, b, contract):
     return lax.dot_general(
         a, b, (contract, ((), ())), precision=lax.Precision.HIGHEST, preferred_element_type=a.dtype
@@ -119,8 +110,8 @@ def _tiles(key_dim: int, tile: int):
 
 def _forward_kernel(low_ref, w_ref, b_ref, gf_ref, gb_ref, *, rows, block_rows, tile, normalizer):
     key_dim = gf_ref.shape[-1]
-    start, low_mask = _rows(block_rows, rows, low_ref.shape[-1])
-    _, mask = _rows(block_rows, rows, tile)
+    start, low_mask = row_block(block_rows, rows, low_ref.shape[-1])
+    _, mask = row_block(block_rows, rows, tile)
     low = plt.load(low_ref.at[pl.ds(start, block_rows), :], mask=low_mask, other=0)
     for cols, half, out_cols in _tiles(key_dim, tile):
         y = _log_sigmoid(_logits(low, w_ref, b_ref, cols)) / normalizer
@@ -133,8 +124,8 @@ def _backward_kernel(
     *, rows, block_rows, tile, normalizer,
 ):  # fmt: skip
     key_dim = dgf_ref.shape[-1]
-    start, low_mask = _rows(block_rows, rows, low_ref.shape[-1])
-    _, mask = _rows(block_rows, rows, tile)
+    start, low_mask = row_block(block_rows, rows, low_ref.shape[-1])
+    _, mask = row_block(block_rows, rows, tile)
     low = plt.load(low_ref.at[pl.ds(start, block_rows), :], mask=low_mask, other=0)
     dlow = jnp.zeros(low.shape, low.dtype)
     for cols, half, in_cols in _tiles(key_dim, tile):
@@ -149,12 +140,6 @@ def _backward_kernel(
 
 
 # ----------------------------------------------------------------------------------- calls
-def _whole(shape) -> pl.BlockSpec:
-    # Whole-array blocks, rows sliced and masked in the kernels: the Triton lowering does not
-    # mask a ragged last block (as in pallas_kernels/gated_norm.py).
-    return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
-
-
 def _kernel_kw(rows, tile, normalizer, config):
     return dict(rows=rows, block_rows=config.block_rows, tile=tile, normalizer=normalizer)
 
@@ -171,8 +156,8 @@ def _run_forward(low, w, b, normalizer, config, interpret):
     return pl.pallas_call(
         functools.partial(_forward_kernel, **_kernel_kw(rows, tile, normalizer, config)),
         grid=(pl.cdiv(rows, config.block_rows),),
-        in_specs=[_whole(low.shape), _whole(w.shape), _whole(b.shape)],
-        out_specs=[_whole(gate.shape)] * 2,
+        in_specs=[whole(low.shape), whole(w.shape), whole(b.shape)],
+        out_specs=[whole(gate.shape)] * 2,
         out_shape=[gate, gate],
         compiler_params=_params(config),
         interpret=interpret,
@@ -188,9 +173,9 @@ def _run_backward(low, w, b, dgf, dgb, normalizer, config, interpret):
     dlow, dw, db = pl.pallas_call(
         functools.partial(_backward_kernel, **_kernel_kw(rows, tile, normalizer, config)),
         grid=(programs,),
-        in_specs=[_whole(x.shape) for x in (low, w, b, dgf, dgb)],
+        in_specs=[whole(x.shape) for x in (low, w, b, dgf, dgb)],
         out_specs=[
-            _whole(low.shape),
+            whole(low.shape),
             pl.BlockSpec((None, *w.shape), lambda i: (i, 0, 0)),
             pl.BlockSpec((None, *b.shape), lambda i: (i, 0)),
         ],

@@ -27,6 +27,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.rows import check_powers_of_two, row_block, whole
+
 MAX_TILE = 128
 MIN_TILE = 16
 
@@ -44,10 +46,7 @@ class Config:
     num_warps: int = 4
 
     def __post_init__(self):
-        for name in ("block_rows", "num_warps"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"{name}={value}; expected a power of two")
+        check_powers_of_two(self, ("block_rows", "num_warps"))
 
 
 def tile_width(dim: int) -> int | None:
@@ -66,14 +65,6 @@ def reference(x: jax.Array, weight: jax.Array, eps: float, out_dtype) -> jax.Arr
 
 
 # ----------------------------------------------------------------------------------- kernels
-def _rows(block_rows: int, rows: int, width: int):
-    """(first row of this program, [BR, width] mask of rows inside the array)."""
-    index = jax.dtypes.canonicalize_dtype(jnp.int64)  # the slices' 0 is int64 under x64
-    start = (pl.program_id(0) * block_rows).astype(index)
-    row = start + lax.broadcasted_iota(start.dtype, (block_rows, width), 0)
-    return start, row < rows
-
-
 def _load_tiles(ref, start, mask, block_rows, tile, dtype):
     """The rows' [BR, tile] column tiles of a [R, D] ref, rows past the end as 0."""
     return [
@@ -103,7 +94,7 @@ def _weights(w_ref, tile):
 def _forward_kernel(x_ref, w_ref, y_ref, rstd_ref, *, rows, block_rows, tile, eps):
     dim = x_ref.shape[-1]
     ct = w_ref.dtype
-    start, mask = _rows(block_rows, rows, tile)
+    start, mask = row_block(block_rows, rows, tile)
     xs = _load_tiles(x_ref, start, mask, block_rows, tile, ct)
     rstd = lax.rsqrt(_row_sum([x * x for x in xs]) / dim + eps)  # [BR, 1]
     ys = [x * rstd * w for x, w in zip(xs, _weights(w_ref, tile), strict=True)]
@@ -117,7 +108,7 @@ def _backward_kernel(
 ):  # fmt: skip
     dim = x_ref.shape[-1]
     ct = w_ref.dtype
-    start, mask = _rows(block_rows, rows, tile)
+    start, mask = row_block(block_rows, rows, tile)
     row = start + lax.broadcasted_iota(start.dtype, (block_rows,), 0)
     rstd = plt.load(rstd_ref.at[pl.ds(start, block_rows)], mask=row < rows, other=0)[:, None]
     xhats = [x * rstd for x in _load_tiles(x_ref, start, mask, block_rows, tile, ct)]
@@ -131,12 +122,6 @@ def _backward_kernel(
 
 
 # ----------------------------------------------------------------------------------- calls
-def _whole(shape) -> pl.BlockSpec:
-    # Whole-array blocks, rows sliced and masked in the kernels: the Triton lowering does not
-    # mask a ragged last block (as in pallas_kernels/gated_norm.py).
-    return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
-
-
 def _params(config: Config):
     return plt.CompilerParams(num_warps=config.num_warps, num_stages=1)
 
@@ -147,8 +132,8 @@ def _run_forward(x, w, eps, out_dtype, config, interpret):
     return pl.pallas_call(
         functools.partial(_forward_kernel, **kw),
         grid=(pl.cdiv(rows, config.block_rows),),
-        in_specs=[_whole(x.shape), _whole(w.shape)],
-        out_specs=[_whole(x.shape), _whole((rows,))],
+        in_specs=[whole(x.shape), whole(w.shape)],
+        out_specs=[whole(x.shape), whole((rows,))],
         out_shape=[
             jax.ShapeDtypeStruct(x.shape, out_dtype),
             jax.ShapeDtypeStruct((rows,), w.dtype),
@@ -166,8 +151,8 @@ def _run_backward(x, w, rstd, dy, config, interpret):
     dx, dw = pl.pallas_call(
         functools.partial(_backward_kernel, **kw),
         grid=(programs,),
-        in_specs=[_whole(x.shape), _whole(w.shape), _whole(rstd.shape), _whole(dy.shape)],
-        out_specs=[_whole(x.shape), pl.BlockSpec((None, dim), lambda i: (i, 0))],
+        in_specs=[whole(x.shape), whole(w.shape), whole(rstd.shape), whole(dy.shape)],
+        out_specs=[whole(x.shape), pl.BlockSpec((None, dim), lambda i: (i, 0))],
         out_shape=[
             jax.ShapeDtypeStruct(x.shape, x.dtype),
             jax.ShapeDtypeStruct((programs, dim), w.dtype),
