@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.rows import check_powers_of_two
+from pallas_kernels.rows import check_powers_of_two, compiler_params, resolve_interpret
 
 TAPS = 9
 TAPS_PAD = 16  # weights are [16, C] inside the kernels (power-of-two blocks)
@@ -147,10 +147,6 @@ def _specs(b, h, w, c, config):
     return (b, nb, c // bc), image, weights
 
 
-def _params(config):
-    return plt.CompilerParams(num_warps=config.num_warps, num_stages=1)
-
-
 def _pad_taps(kernel, dtype):
     """[3, 3, C] -> [16, C] in the accumulation dtype of ``dtype`` (rows 9..15 zero)."""
     taps = kernel.reshape(TAPS, -1).astype(jnp.promote_types(dtype, jnp.float32))
@@ -166,7 +162,7 @@ def _run_forward(x, taps, act, config, interpret):
         in_specs=[image, weights],
         out_specs=image,
         out_shape=jax.ShapeDtypeStruct((b, h * w, c), x.dtype),
-        compiler_params=_params(config),
+        compiler_params=compiler_params(config),
         interpret=interpret,
         name="dwconv_forward",
     )(x.reshape(b, h * w, c), taps)
@@ -187,7 +183,7 @@ def _run_backward(g, x, taps, config, interpret):
             jax.ShapeDtypeStruct((b, h * w, c), x.dtype),
             jax.ShapeDtypeStruct((b, grid[1], TAPS_PAD, c), taps.dtype),
         ],
-        compiler_params=_params(config),
+        compiler_params=compiler_params(config),
         interpret=interpret,
         name="dwconv_backward",
     )(g.reshape(b, h * w, c), x.reshape(b, h * w, c), taps)
@@ -243,6 +239,4 @@ def dwconv3x3(
     if kernel.shape != (3, 3, x.shape[-1]):
         raise ValueError(f"kernel has shape {kernel.shape}; expected (3, 3, {x.shape[-1]})")
     config = Config() if config is None else config
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    return _dwconv(x, kernel, bool(act), config, bool(interpret))
+    return _dwconv(x, kernel, bool(act), config, resolve_interpret(interpret))

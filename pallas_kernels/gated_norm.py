@@ -33,7 +33,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.rows import check_powers_of_two, row_block, whole
+from pallas_kernels.rows import (
+    check_powers_of_two,
+    compiler_params,
+    resolve_interpret,
+    row_block,
+    whole,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +134,6 @@ def _specs(rows: int, dv: int):
     return whole((rows, dv)), whole((dv,))
 
 
-def _params(config: Config):
-    return plt.CompilerParams(num_warps=config.num_warps, num_stages=1)
-
-
 def _kernel_kw(rows, eps, act, config):
     return dict(rows=rows, block_rows=config.block_rows, eps=eps, act=act)
 
@@ -145,7 +147,7 @@ def _run_forward(o, c, z, wo, wc, eps, act, config, interpret):
         in_specs=[matrix] * 3 + [vector] * 2,
         out_specs=matrix,
         out_shape=jax.ShapeDtypeStruct((rows, dv), jnp.result_type(o, c, z)),
-        compiler_params=_params(config),
+        compiler_params=compiler_params(config),
         interpret=interpret,
         name="gated_norm_forward",
     )(o, c, z, wo, wc)
@@ -162,7 +164,7 @@ def _run_backward(o, c, z, wo, wc, g, eps, act, config, interpret):
         out_specs=[matrix] * 3 + [pl.BlockSpec((None, 2, dv), lambda i: (i, 0, 0))],
         out_shape=[jax.ShapeDtypeStruct((rows, dv), x.dtype) for x in (o, c, z)]
         + [jax.ShapeDtypeStruct((programs, 2, dv), wo.dtype)],
-        compiler_params=_params(config),
+        compiler_params=compiler_params(config),
         interpret=interpret,
         name="gated_norm_backward",
     )(o, c, z, wo, wc, g)
@@ -224,8 +226,6 @@ def gated_norm(
             f"weights have shapes {weight_o.shape}, {weight_c.shape}; expected ({dv},)"
         )
     config = Config() if config is None else config
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     ct = jnp.promote_types(jnp.result_type(o, c, z, weight_o, weight_c), jnp.float32)
     flat = [x.reshape(-1, dv) for x in (o, c, z)]
     y = _gated_norm(
@@ -235,6 +235,6 @@ def gated_norm(
         float(eps),
         bool(act),
         config,
-        bool(interpret),
+        resolve_interpret(interpret),
     )
     return y.reshape(o.shape)

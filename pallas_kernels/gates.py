@@ -17,7 +17,7 @@ fp32 (``Precision.HIGHEST``: the gates' gradients feed exponents); the gates com
 compute dtype (at least fp32).
 
 Why kernels: XLA ran the same path on the H100 (two products of ``W``'s column halves, the
-log-sigmoid, rematerialised in the backward) as 18 small kernels per ViG block, 1.39 ms of a
+log-sigmoid, rematerialised in the backward) in 18 kernels, 1.39 ms of a
 ViG-T training step's 14.86 ms (224 px, batch 128, bf16; ``benchmarks/attribute_profile.py``
 at ea769b4).
 
@@ -35,10 +35,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.rows import check_powers_of_two, row_block, whole
-
-MAX_TILE = 128  # widest column tile of W per product
-MIN_WIDTH = 16  # Triton's smallest product dimension
+from pallas_kernels.rows import (
+    MIN_TILE,
+    check_powers_of_two,
+    column_tile,
+    compiler_params,
+    resolve_interpret,
+    row_block,
+    whole,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,22 +60,17 @@ class Config:
 
     def __post_init__(self):
         check_powers_of_two(self, ("block_rows", "num_warps"))
-        if self.block_rows < MIN_WIDTH:
-            raise ValueError(f"block_rows={self.block_rows}; expected >= {MIN_WIDTH}")
+        if self.block_rows < MIN_TILE:
+            raise ValueError(f"block_rows={self.block_rows}; expected >= {MIN_TILE}")
 
 
-def tile_width(key_dim: int) -> int | None:
-    """The column tile for gates of width ``key_dim``: its largest power-of-two divisor up to
-    ``MAX_TILE``, or None where that is below ``MIN_WIDTH`` (the kernels cannot take it)."""
-    tile = key_dim & -key_dim if key_dim > 0 else 0
-    tile = min(tile, MAX_TILE)
-    return tile if tile >= MIN_WIDTH else None
+tile_width = column_tile  # of the gates' width K: the kernels' column tile of W, or None
 
 
 def supports(low_rank: int, key_dim: int) -> bool:
     """Whether :func:`log_gates` runs these sizes: a power-of-two ``low_rank`` >= 16 and a
     ``key_dim`` with a :func:`tile_width`."""
-    pow2 = low_rank >= MIN_WIDTH and not low_rank & (low_rank - 1)
+    pow2 = low_rank >= MIN_TILE and not low_rank & (low_rank - 1)
     return pow2 and tile_width(key_dim) is not None
 
 
@@ -144,12 +144,8 @@ def _kernel_kw(rows, tile, normalizer, config):
     return dict(rows=rows, block_rows=config.block_rows, tile=tile, normalizer=normalizer)
 
 
-def _params(config: Config):
-    return plt.CompilerParams(num_warps=config.num_warps, num_stages=1)
-
-
 def _run_forward(low, w, b, normalizer, config, interpret):
-    rows, rank = low.shape
+    rows = low.shape[0]
     key_dim = w.shape[1] // 2
     tile = tile_width(key_dim)
     gate = jax.ShapeDtypeStruct((rows, key_dim), w.dtype)
@@ -159,14 +155,14 @@ def _run_forward(low, w, b, normalizer, config, interpret):
         in_specs=[whole(low.shape), whole(w.shape), whole(b.shape)],
         out_specs=[whole(gate.shape)] * 2,
         out_shape=[gate, gate],
-        compiler_params=_params(config),
+        compiler_params=compiler_params(config),
         interpret=interpret,
         name="log_gates_forward",
     )(low, w, b)
 
 
 def _run_backward(low, w, b, dgf, dgb, normalizer, config, interpret):
-    rows, rank = low.shape
+    rows = low.shape[0]
     key_dim = w.shape[1] // 2
     tile = tile_width(key_dim)
     programs = pl.cdiv(rows, config.block_rows)
@@ -184,7 +180,7 @@ def _run_backward(low, w, b, dgf, dgb, normalizer, config, interpret):
             jax.ShapeDtypeStruct((programs, *w.shape), w.dtype),
             jax.ShapeDtypeStruct((programs, *b.shape), b.dtype),
         ],
-        compiler_params=_params(config),
+        compiler_params=compiler_params(config),
         interpret=interpret,
         name="log_gates_backward",
     )(low, w, b, dgf, dgb)
@@ -242,15 +238,18 @@ def log_gates(
     if not supports(rank, key_dim):
         raise ValueError(
             f"low rank {rank} and gate width {key_dim}: expected a power-of-two rank >= "
-            f"{MIN_WIDTH} and a width divisible by {MIN_WIDTH}"
+            f"{MIN_TILE} and a width divisible by {MIN_TILE}"
         )
     config = Config() if config is None else config
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     ct = jnp.promote_types(jnp.result_type(low, kernel, bias), jnp.float32)
     lead = low.shape[:-1]
     flat = low.reshape(-1, rank).astype(ct)
     gf, gb = _log_gates(
-        flat, kernel.astype(ct), bias.astype(ct), float(normalizer), config, bool(interpret)
+        flat,
+        kernel.astype(ct),
+        bias.astype(ct),
+        float(normalizer),
+        config,
+        resolve_interpret(interpret),
     )
     return gf.reshape(*lead, key_dim), gb.reshape(*lead, key_dim)

@@ -9,9 +9,8 @@ weight and the fp32 1/rms per row. Arithmetic is fp32 (or wider); the output is 
 ``out_dtype``.
 
 Why kernels: XLA ran ViG-T's block norms (this formula with a hand-written gradient,
-``vig_jax.fused.rms_norm``) as 16 kernels per block, ~1.0 ms of the ViG-T training step on the
-H100 (224 px, batch 128, bf16; ``benchmarks/attribute_profile.py`` at ea769b4), most of it the
-weight gradient's column reduction over R = 25,088 rows.
+``vig_jax.fused.rms_norm``) in 16 kernels, ~1.0 ms of the ViG-T training step on the
+H100 (224 px, batch 128, bf16; ``benchmarks/attribute_profile.py`` at ea769b4).
 
 :func:`reference` is the plain formula (autodiff gradients), which the tests compare with.
 """
@@ -27,10 +26,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.rows import check_powers_of_two, row_block, whole
-
-MAX_TILE = 128
-MIN_TILE = 16
+from pallas_kernels.rows import (
+    MIN_TILE,
+    check_powers_of_two,
+    column_tile,
+    compiler_params,
+    resolve_interpret,
+    row_block,
+    whole,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +53,7 @@ class Config:
         check_powers_of_two(self, ("block_rows", "num_warps"))
 
 
-def tile_width(dim: int) -> int | None:
-    """The column tile for rows of ``dim`` values: the largest power-of-two divisor of ``dim``
-    up to ``MAX_TILE``, or None where that is below ``MIN_TILE``."""
-    tile = min(dim & -dim if dim > 0 else 0, MAX_TILE)
-    return tile if tile >= MIN_TILE else None
+tile_width = column_tile  # of the rows' width D: the kernels' column tile, or None
 
 
 def reference(x: jax.Array, weight: jax.Array, eps: float, out_dtype) -> jax.Array:
@@ -99,8 +99,8 @@ def _forward_kernel(x_ref, w_ref, y_ref, rstd_ref, *, rows, block_rows, tile, ep
     rstd = lax.rsqrt(_row_sum([x * x for x in xs]) / dim + eps)  # [BR, 1]
     ys = [x * rstd * w for x, w in zip(xs, _weights(w_ref, tile), strict=True)]
     _store_tiles(y_ref, start, mask, block_rows, tile, ys)
-    row = start + lax.broadcasted_iota(start.dtype, (block_rows,), 0)
-    plt.store(rstd_ref.at[pl.ds(start, block_rows)], rstd[:, 0], mask=row < rows)
+    _, in_rows = row_block(block_rows, rows)
+    plt.store(rstd_ref.at[pl.ds(start, block_rows)], rstd[:, 0], mask=in_rows)
 
 
 def _backward_kernel(
@@ -109,8 +109,8 @@ def _backward_kernel(
     dim = x_ref.shape[-1]
     ct = w_ref.dtype
     start, mask = row_block(block_rows, rows, tile)
-    row = start + lax.broadcasted_iota(start.dtype, (block_rows,), 0)
-    rstd = plt.load(rstd_ref.at[pl.ds(start, block_rows)], mask=row < rows, other=0)[:, None]
+    _, in_rows = row_block(block_rows, rows)
+    rstd = plt.load(rstd_ref.at[pl.ds(start, block_rows)], mask=in_rows, other=0)[:, None]
     xhats = [x * rstd for x in _load_tiles(x_ref, start, mask, block_rows, tile, ct)]
     dys = _load_tiles(dy_ref, start, mask, block_rows, tile, ct)
     gs = [dy * w for dy, w in zip(dys, _weights(w_ref, tile), strict=True)]
@@ -122,10 +122,6 @@ def _backward_kernel(
 
 
 # ----------------------------------------------------------------------------------- calls
-def _params(config: Config):
-    return plt.CompilerParams(num_warps=config.num_warps, num_stages=1)
-
-
 def _run_forward(x, w, eps, out_dtype, config, interpret):
     rows, dim = x.shape
     kw = dict(rows=rows, block_rows=config.block_rows, tile=tile_width(dim), eps=eps)
@@ -138,7 +134,7 @@ def _run_forward(x, w, eps, out_dtype, config, interpret):
             jax.ShapeDtypeStruct(x.shape, out_dtype),
             jax.ShapeDtypeStruct((rows,), w.dtype),
         ],
-        compiler_params=_params(config),
+        compiler_params=compiler_params(config),
         interpret=interpret,
         name="rms_norm_forward",
     )(x, w)
@@ -157,7 +153,7 @@ def _run_backward(x, w, rstd, dy, config, interpret):
             jax.ShapeDtypeStruct(x.shape, x.dtype),
             jax.ShapeDtypeStruct((programs, dim), w.dtype),
         ],
-        compiler_params=_params(config),
+        compiler_params=compiler_params(config),
         interpret=interpret,
         name="rms_norm_backward",
     )(x, w, rstd, dy)
@@ -211,11 +207,14 @@ def rms_norm(
     if weight.shape != (dim,):
         raise ValueError(f"weight has shape {weight.shape}; expected ({dim},)")
     config = Config() if config is None else config
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     out_dtype = jnp.dtype(jnp.result_type(x, weight) if out_dtype is None else out_dtype)
     ct = jnp.promote_types(jnp.result_type(x, weight), jnp.float32)
     y = _rms_norm(
-        x.reshape(-1, dim), weight.astype(ct), float(eps), out_dtype, config, bool(interpret)
+        x.reshape(-1, dim),
+        weight.astype(ct),
+        float(eps),
+        out_dtype,
+        config,
+        resolve_interpret(interpret),
     )
     return y.reshape(x.shape)
