@@ -101,6 +101,25 @@ def time_steps(comps: trainer.Components, state, rngs, batch, warmup: int, steps
     return times, loss
 
 
+def add_vig_implementation_args(parser: argparse.ArgumentParser) -> None:
+    """``--{conv,output,gate,norm}-implementation``: the ViG mixer's and norms' options (None:
+    the model's defaults), in the order :func:`bench_config` takes them."""
+    parser.add_argument(
+        "--conv-implementation",
+        default=None,
+        help="ViG depthwise conv: shifted | cudnn | hybrid | pallas (default on a GPU)",
+    )
+    parser.add_argument(
+        "--output-implementation", default=None, help="ViG gated output: xla | pallas (GPU)"
+    )
+    parser.add_argument(
+        "--gate-implementation", default=None, help="ViG forget gates: xla | pallas (GPU)"
+    )
+    parser.add_argument(
+        "--norm-implementation", default=None, help="plain ViG's RMSNorms: xla | pallas (GPU)"
+    )
+
+
 def run_one(args, model: str) -> dict:
     config = bench_config(
         model,
@@ -164,20 +183,7 @@ def main() -> None:
     parser.add_argument("--patch-size", type=int, default=None)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--implementation", default=None)
-    parser.add_argument(
-        "--conv-implementation",
-        default=None,
-        help="ViG depthwise conv: shifted | cudnn | hybrid | pallas (default on a GPU)",
-    )
-    parser.add_argument(
-        "--output-implementation", default=None, help="ViG gated output: xla | pallas (GPU)"
-    )
-    parser.add_argument(
-        "--gate-implementation", default=None, help="ViG forget gates: xla | pallas (GPU)"
-    )
-    parser.add_argument(
-        "--norm-implementation", default=None, help="plain ViG's RMSNorms: xla | pallas (GPU)"
-    )
+    add_vig_implementation_args(parser)
     parser.add_argument("--param-sharding", default="replicated")
     parser.add_argument(
         "--bare",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jax
 
-from benchmarks.bench_train import bench_config, fake_device_batch
+from benchmarks.bench_train import add_vig_implementation_args, bench_config, fake_device_batch
 from train import sharding, trainer
 
 GROUPS = (
@@ -129,20 +129,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median wall time)")
     parser.add_argument("--out", default=None)
-    parser.add_argument(
-        "--conv-implementation",
-        default=None,
-        help="ViG depthwise conv: shifted | cudnn | hybrid | pallas (default on a GPU)",
-    )
-    parser.add_argument(
-        "--output-implementation", default=None, help="ViG gated output: xla | pallas (GPU)"
-    )
-    parser.add_argument(
-        "--gate-implementation", default=None, help="ViG forget gates: xla | pallas (GPU)"
-    )
-    parser.add_argument(
-        "--norm-implementation", default=None, help="plain ViG's RMSNorms: xla | pallas (GPU)"
-    )
+    add_vig_implementation_args(parser)
     args = parser.parse_args()
     rows = [profile_model(m, args) for m in args.models.split(",")]
     print(

@@ -37,12 +37,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ViG / ViG-H gated output: None = the backend's default ("pallas" on a GPU, else "xla")
     # (vig_jax/bigla.py).
     c.model.output_implementation = config_dict.placeholder(str)
-    # ViG / ViG-H forget gates: None = the backend's default ("pallas" on a GPU, else "xla")
-    # (vig_jax/bigla.py, pallas_kernels/gates.py).
+    # ViG / ViG-H forget gates: None = the default ("xla" until the Pallas kernels are timed on
+    # a GPU: vig_jax/bigla.py PALLAS_GATES_BY_DEFAULT), or "pallas" (pallas_kernels/gates.py).
     c.model.gate_implementation = config_dict.placeholder(str)
-    # Plain ViG's RMSNorms (ViG-H has LayerNorms: leave unset): None = the backend's default
-    # (vig_jax/layers.py default_norm_implementation), "xla" or "pallas"
-    # (pallas_kernels/rms_norm.py).
+    # Plain ViG's RMSNorms (ViG-H has LayerNorms: leave unset): None = the default ("xla" until
+    # the Pallas kernels are timed on a GPU: vig_jax/layers.py PALLAS_NORM_BY_DEFAULT), or
+    # "pallas" (pallas_kernels/rms_norm.py).
     c.model.norm_implementation = config_dict.placeholder(str)
     c.model.drop_path_rate = 0.0
     c.model.patch_size = config_dict.placeholder(int)  # None: the variant's (16).

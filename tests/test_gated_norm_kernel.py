@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from agreement import assert_same_value_and_grads
 from flax import nnx
 
 from pallas_kernels import gated_norm as gn
@@ -113,14 +114,8 @@ def test_bigla_module_with_either_output_path():
     kw = dict(conv_act=True, out_act=True, implementation="xla")
     ref = BiGLA(32, 2, **kw, rngs=nnx.Rngs(0))
     ker = BiGLA(32, 2, **kw, output_implementation="pallas", rngs=nnx.Rngs(0))
-
-    def loss_and_grads(module):
-        return nnx.value_and_grad(lambda m: jnp.sum(jnp.sin(m(u))))(module)
-
-    (l_ref, g_ref), (l_ker, g_ker) = loss_and_grads(ref), loss_and_grads(ker)
-    np.testing.assert_allclose(l_ker, l_ref, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g_ker), jax.tree.leaves(g_ref), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    loss = lambda m: jnp.sum(jnp.sin(m(u)))
+    assert_same_value_and_grads(ref, ker, loss, rtol_value=1e-5, rtol=2e-4, atol=2e-5)
 
 
 def test_bad_inputs_raise():

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from agreement import assert_same_value_and_grads
 from flax import nnx
 from lowering import TRITON_CALL, h100_lowering
 
@@ -124,14 +125,8 @@ def test_bigla_module_with_either_gate_path():
     kw = dict(conv_act=True, out_act=True, implementation="xla", output_implementation="xla")
     ref = BiGLA(64, 2, **kw, gate_implementation="xla", rngs=nnx.Rngs(0))
     ker = BiGLA(64, 2, **kw, gate_implementation="pallas", rngs=nnx.Rngs(0))
-
-    def loss_and_grads(module):
-        return nnx.value_and_grad(lambda m: jnp.sum(jnp.sin(m(u))))(module)
-
-    (l_ref, g_ref), (l_ker, g_ker) = loss_and_grads(ref), loss_and_grads(ker)
-    np.testing.assert_allclose(l_ker, l_ref, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g_ker), jax.tree.leaves(g_ref), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    loss = lambda m: jnp.sum(jnp.sin(m(u)))
+    assert_same_value_and_grads(ref, ker, loss, rtol_value=1e-5, rtol=2e-4, atol=2e-5)
 
 
 def test_default_gate_implementation(monkeypatch):

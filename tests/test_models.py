@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from agreement import assert_same_value_and_grads
 from flax import nnx
 from official_state_dict import OFFICIAL_PARAM_COUNTS
 
@@ -340,10 +341,7 @@ def test_vig_with_the_pallas_gates_and_norms_matches_xla():
     assert block.attn.gate_implementation == "pallas" and block.mlp_norm.implementation == "pallas"
     assert ref.blocks[0].attn.gate_implementation == "xla" and ref.norm.implementation == "xla"
     loss = lambda m: jnp.sum(jnp.sin(m(x)))
-    (l_ref, g_ref), (l_ker, g_ker) = (nnx.value_and_grad(loss)(m) for m in (ref, kernels))
-    np.testing.assert_allclose(l_ker, l_ref, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g_ker), jax.tree.leaves(g_ref), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+    assert_same_value_and_grads(ref, kernels, loss, rtol_value=1e-5, rtol=2e-4, atol=2e-6)
 
 
 # ----------------------------------------------------------------------------- stem

@@ -239,7 +239,7 @@ def stem_output_size(size: int, patch_size: int, hierarchical: bool) -> int:
 def _patches(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
     """[B, H, W, C] -> [B, h, w, kernel * kernel * C]: each output position's input window
     (zero padded), ordered (row, column, channel) as an HWIO kernel reshaped to [k k C, O]."""
-    b, height, width, _ = x.shape
+    _, height, width, _ = x.shape
     oh = conv_out_size(height, kernel, stride, padding)
     ow = conv_out_size(width, kernel, stride, padding)
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
@@ -268,11 +268,11 @@ def conv_as_product(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     same generic kernel), where the windows of this one ([128, 28, 28, 243] bf16) take ~0.05 ms
     of bandwidth. The product form is not yet timed on a GPU.
     """
-    (top, _), (left, _) = conv.padding
+    (padding, _), _ = conv.padding
     kernel = conv.kernel[...]
     dtype = conv.dtype or jnp.result_type(x, kernel)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    y = jax.checkpoint(_patch_product, static_argnums=(2, 3))(x, kernel, conv.strides[0], top)
+    y = jax.checkpoint(_patch_product, static_argnums=(2, 3))(x, kernel, conv.strides[0], padding)
     if conv.bias is not None:
         y = y + conv.bias[...].astype(dtype)
     return y
