@@ -1,0 +1,261 @@
+"""A/B of training-step variants in one process: the resolution study's step, compiled together,
+timed interleaved.
+
+A variant is a model plus code switches set while its step is traced::
+
+    NAME=MODEL[,MODULE.ATTR=VALUE,...]
+
+for example ``gates=vig_t,vig_jax.bigla.PALLAS_GATES_BY_DEFAULT=True``. Each switch is a
+module-level constant that is read when the model is built or traced (the ``*_BY_DEFAULT``
+constants, policy limits); it is set while the variant is built and lowered on the main thread
+(JAX's trace caches cleared first), then restored, so variants that differ only in switches share
+nothing. The lowered steps compile
+together on a thread pool. Timing rotates over the variants for ``--rounds`` rounds (a drifting
+clock hits all alike); each round times ``--steps`` steps after ``--warmup``, synchronising every
+step as ``benchmarks/bench_resolution.py`` does. On a GPU each variant's kernels of one step are
+also recorded with CUPTI (total ms and count).
+
+The step is :class:`benchmarks.bench_resolution._Model`'s (forward, softmax cross-entropy,
+backward, AdamW), the one behind the resolution study's bars. Prints a table (the first variant is
+the baseline of the ratios) and writes JSON.
+
+    python -m benchmarks.ab_step --img 224 --batch 128 \\
+        deit=deit_t vig=vig_t gates=vig_t,vig_jax.bigla.PALLAS_GATES_BY_DEFAULT=True \\
+        --out /tmp/ab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import importlib
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.bench_resolution import _custom_calls, _Model
+
+DTYPES = ("bfloat16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One step to time: ``model`` with ``switches`` ((module, attribute, value), ...)."""
+
+    name: str
+    model: str
+    switches: tuple[tuple[str, str, Any], ...] = ()
+
+
+def parse_variant(spec: str) -> Variant:
+    """``NAME=MODEL[,MODULE.ATTR=VALUE,...]`` -> :class:`Variant` (VALUE a Python literal).
+
+    Raises ValueError naming the spec when it is malformed or a switch's attribute does not
+    exist (a misspelt switch would otherwise time the baseline twice)."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"variant {spec!r}; expected NAME=MODEL[,MODULE.ATTR=VALUE,...]")
+    model, *parts = rest.split(",")
+    switches = []
+    for part in parts:
+        target, sep, literal = part.partition("=")
+        module, dot, attr = target.rpartition(".")
+        if not sep or not dot:
+            raise ValueError(f"switch {part!r} of variant {name!r}; expected MODULE.ATTR=VALUE")
+        try:
+            value = ast.literal_eval(literal)
+        except (ValueError, SyntaxError) as err:
+            raise ValueError(
+                f"switch {part!r} of variant {name!r}: {literal!r} is not a Python literal"
+            ) from err
+        if not hasattr(importlib.import_module(module), attr):
+            raise ValueError(f"switch {part!r} of variant {name!r}: {module} has no {attr!r}")
+        switches.append((module, attr, value))
+    return Variant(name, model, tuple(switches))
+
+
+@contextlib.contextmanager
+def switched(switches):
+    """Sets each (module, attribute, value) for the duration, then restores the old values."""
+    old = []
+    try:
+        for module, attr, value in switches:
+            mod = importlib.import_module(module)
+            old.append((mod, attr, getattr(mod, attr)))
+            setattr(mod, attr, value)
+        yield
+    finally:
+        for mod, attr, value in reversed(old):
+            setattr(mod, attr, value)
+
+
+@dataclasses.dataclass
+class _Lowered:
+    variant: Variant
+    model: _Model
+    lowered: Any
+    params: Any  # abstract
+    compiled: Any = None
+    compile_s: float = 0.0
+
+
+def lower(variant: Variant, img: int, batch: int, dtype: str) -> _Lowered:
+    """Builds ``variant``'s model and lowers its train step (abstract shapes) under its
+    switches; the switches are restored on return.
+
+    JAX's trace caches are cleared first: a traced function that reads a switch (under
+    ``jax.checkpoint`` or a custom VJP) would otherwise be reused from an earlier variant."""
+    jax.clear_caches()
+    with switched(variant.switches):
+        m = _Model(variant.model, img, dtype)
+        graphdef_train, _, params, rest = m.graphdefs()
+        state = (params, jax.eval_shape(m.tx.init, params), rest)
+        images = jax.ShapeDtypeStruct((batch, img, img, 3), jnp.float32)
+        labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+        step = jax.jit(m.train_step_fn(graphdef_train), donate_argnums=0)
+        lowered = step.lower(state, images, labels)
+    return _Lowered(variant, m, lowered, params)
+
+
+def _compile(item: _Lowered) -> _Lowered:
+    t = time.perf_counter()
+    item.compiled = item.lowered.compile()
+    item.compile_s = time.perf_counter() - t
+    print(f"  compiled {item.variant.name} ({item.compile_s:.0f} s)", flush=True)
+    return item
+
+
+def _initial_state(item: _Lowered, batch: int):
+    """(params, AdamW state, model rest) on the device, and the fixed images and labels."""
+    params, rest = jax.jit(item.model.init_fn())()
+    opt_state, images, labels = jax.jit(item.model.prep_fn(batch))(params)
+    return [(params, opt_state, rest)], images, labels
+
+
+def _kernels(call) -> list[tuple[str, float]] | None:
+    """CUPTI (kernel name, ms) of one ``call()``; None off the GPU."""
+    if jax.default_backend() != "gpu":
+        return None
+    from benchmarks.profile_step import _kernels_of_one_call
+
+    return _kernels_of_one_call(call)
+
+
+def run(variants: list[Variant], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Lowers, compiles and times ``variants``; returns one row per variant."""
+    t0 = time.perf_counter()
+    items = [lower(v, args.img, args.batch, args.dtype) for v in variants]
+    print(f"lowered {len(items)} variants ({time.perf_counter() - t0:.0f} s)", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(args.compile_workers) as pool:
+        items = list(pool.map(_compile, items))
+    print(f"compiled ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    states = [_initial_state(item, args.batch) for item in items]
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    losses: dict[str, float] = {}
+    for _ in range(args.rounds):
+        for item, (holder, images, labels) in zip(items, states, strict=True):
+            for i in range(args.warmup + args.steps):
+                t = time.perf_counter()
+                holder[0], loss = item.compiled(holder[0], images, labels)
+                jax.block_until_ready(loss)
+                if i >= args.warmup:
+                    times[item.variant.name].append(time.perf_counter() - t)
+            losses[item.variant.name] = float(loss)
+
+    rows = []
+    for item, (holder, images, labels) in zip(items, states, strict=True):
+        name = item.variant.name
+
+        def one_step(item=item, holder=holder, images=images, labels=labels):
+            holder[0], loss = item.compiled(holder[0], images, labels)
+            return loss
+
+        kernels = _kernels(one_step)
+        median = statistics.median(times[name])
+        rows.append(
+            {
+                "name": name,
+                "model": item.variant.model,
+                "switches": [f"{m}.{a}={v!r}" for m, a, v in item.variant.switches],
+                "img": args.img,
+                "batch": args.batch,
+                "dtype": args.dtype,
+                "implementation": item.model.impl,
+                "conv_implementation": item.model.conv_impl,
+                "output_implementation": item.model.output_impl,
+                "gate_implementation": item.model.gate_impl,
+                "train_ms": 1e3 * median,
+                "train_ms_min": 1e3 * min(times[name]),
+                "train_img_s": args.batch / median,
+                "steps_timed": len(times[name]),
+                "loss": losses[name],
+                "compile_s": item.compile_s,
+                "kernel_ms": None if kernels is None else sum(ms for _, ms in kernels),
+                "kernels": None if kernels is None else len(kernels),
+                "custom_calls": sorted(set(_custom_calls(item.compiled))),
+            }
+        )
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    base = rows[0]
+    print(
+        f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}: training step at "
+        f"{base['img']} px, batch {base['batch']}, {base['dtype']} (medians; x: img/s over "
+        f"{base['name']}'s)"
+    )
+    print(f"{'variant':<16} {'model':<8} {'ms':>8} {'img/s':>9} {'x':>6} {'kern ms':>8} {'#':>5}")
+    for r in rows:
+        kern = "-" if r["kernel_ms"] is None else f"{r['kernel_ms']:.2f}"
+        count = "-" if r["kernels"] is None else str(r["kernels"])
+        ratio = r["train_img_s"] / base["train_img_s"]
+        print(
+            f"{r['name']:<16} {r['model']:<8} {r['train_ms']:8.2f} {r['train_img_s']:9.1f} "
+            f"{ratio:6.3f} {kern:>8} {count:>5}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("variants", nargs="+", help="NAME=MODEL[,MODULE.ATTR=VALUE,...]")
+    parser.add_argument("--img", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--compile-workers", type=int, default=8)
+    parser.add_argument("--out", default=None, help="JSON file to write")
+    args = parser.parse_args(argv)
+    variants = [parse_variant(s) for s in args.variants]
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"variant names repeat: {names}")
+    rows = run(variants, args)
+    print_table(rows)
+    if args.out:
+        out = {
+            "benchmark": "ab_step",
+            "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__,
+            "args": {k: v for k, v in vars(args).items()},
+            "rows": rows,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

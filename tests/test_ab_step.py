@@ -1,0 +1,71 @@
+"""benchmarks/ab_step.py: variant parsing, switches applied only while a variant is lowered."""
+
+import argparse
+
+import pytest
+
+from benchmarks import ab_step
+from vig_jax import bigla
+
+
+def test_parse_variant_reads_model_and_literal_switches():
+    v = ab_step.parse_variant(
+        "g=vig_t,vig_jax.bigla.GATE_NORMALIZER=8.0,vig_jax.layers.PALLAS_NORM_BY_DEFAULT=True"
+    )
+    assert (v.name, v.model) == ("g", "vig_t")
+    assert v.switches == (
+        ("vig_jax.bigla", "GATE_NORMALIZER", 8.0),
+        ("vig_jax.layers", "PALLAS_NORM_BY_DEFAULT", True),
+    )
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("vig_t", "expected NAME=MODEL"),
+        ("a=vig_t,GATE_NORMALIZER=8", "expected MODULE.ATTR=VALUE"),
+        ("a=vig_t,vig_jax.bigla.GATE_NORMALIZER", "expected MODULE.ATTR=VALUE"),
+        ("a=vig_t,vig_jax.bigla.GATE_NORMALIZER=eight", "not a Python literal"),
+    ],
+)
+def test_parse_variant_rejects_malformed_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        ab_step.parse_variant(spec)
+
+
+def test_unknown_switch_is_an_error_not_a_silent_baseline():
+    with pytest.raises(ValueError, match="vig_jax.bigla has no 'GATE_NORMALISER'"):
+        ab_step.parse_variant("a=vig_t,vig_jax.bigla.GATE_NORMALISER=8.0")
+
+
+def test_switched_restores_after_an_exception():
+    before = bigla.GATE_NORMALIZER
+    with pytest.raises(RuntimeError):
+        with ab_step.switched([("vig_jax.bigla", "GATE_NORMALIZER", 3.0)]):
+            assert bigla.GATE_NORMALIZER == 3.0
+            raise RuntimeError
+    assert bigla.GATE_NORMALIZER == before
+
+
+def test_a_switch_changes_only_its_own_variants_step():
+    """The gate normaliser is a constant of the traced step: the switched variant's lowered
+    module differs from the baseline's, and a baseline lowered afterwards is the baseline."""
+    base = ab_step.lower(ab_step.parse_variant("a=vig_t"), 32, 1, "float32")
+    other = ab_step.lower(
+        ab_step.parse_variant("b=vig_t,vig_jax.bigla.GATE_NORMALIZER=8.0"), 32, 1, "float32"
+    )
+    again = ab_step.lower(ab_step.parse_variant("c=vig_t"), 32, 1, "float32")
+    text = [x.lowered.as_text() for x in (base, other, again)]
+    assert text[0] != text[1]
+    assert text[0] == text[2]
+
+
+def test_run_times_every_variant():
+    args = argparse.Namespace(
+        img=32, batch=2, dtype="float32", rounds=2, warmup=1, steps=2, compile_workers=2
+    )
+    rows = ab_step.run([ab_step.parse_variant("d=deit_t")], args)
+    (row,) = rows
+    assert row["name"] == "d" and row["steps_timed"] == 4
+    assert row["train_ms"] > 0 and row["train_img_s"] == pytest.approx(2e3 / row["train_ms"])
+    assert row["kernel_ms"] is None  # no CUPTI off the GPU
