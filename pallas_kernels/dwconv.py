@@ -4,8 +4,15 @@ ViG's mixer starts with ``act(Conv2d(d, d, 3, padding=1, groups=d)(u))`` (act = 
 :func:`dwconv3x3` computes it on token-major images ``x`` [B, H, W, C] with one forward kernel
 (the optional SiLU applied before the store) and one backward kernel that writes ``dx`` and each
 program's partial weight gradient (summed over programs by XLA, a [programs, 16, C] fp32 array).
-The backward recomputes the pre-activation from ``x`` (the residuals are ``x`` and the weights
-only). Products and sums are fp32; the output and ``dx`` are in ``x``'s dtype.
+Products and sums are fp32; the output and ``dx`` are in ``x``'s dtype.
+
+With the SiLU the backward needs its slope ``silu'(z)`` at the pre-activation ``z``: by default
+the forward kernel, run again in the backward, writes the slope (the residuals are ``x`` and the
+weights only), and XLA multiplies it into the cotangent. Two options (:class:`Config`) remove
+passes: ``save_slope`` has the forward store the slope as a residual (no second forward kernel;
+one [B, H, W, C] array more memory per call), ``fused_slope`` has the backward kernel multiply the
+cotangent by the slope as it reads both (no elementwise pass). Both are off by default until
+timed on a GPU (``SAVE_SLOPE_MAX_TOKENS``, ``FUSED_SLOPE_BY_DEFAULT``).
 
 Layout: a program owns ``block_rows`` consecutive tokens (row-major over (H, W)) of one image and
 ``block_channels`` channels. Its nine taps are row gathers from the image (token ``n`` reads
@@ -33,6 +40,11 @@ from pallas_kernels.rows import check_powers_of_two, compiler_params, resolve_in
 
 TAPS = 9
 TAPS_PAD = 16  # weights are [16, C] inside the kernels (power-of-two blocks)
+# Defaults of Config.save_slope / Config.fused_slope: the forward stores the SiLU slope for images
+# of at most this many tokens (0: never), and whether the backward kernel applies the slope itself.
+# Tested (float64 interpret mode, the CUDA lowering) but not yet timed on a GPU.
+SAVE_SLOPE_MAX_TOKENS = 0
+FUSED_SLOPE_BY_DEFAULT = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +56,32 @@ class Config:
       block_channels: most channels per program (the largest power of two dividing C is used
         when that is smaller).
       num_warps: warps per program.
+      save_slope: with the SiLU, the forward also stores ``silu'(z)`` for the backward instead
+        of the backward recomputing it; None: for images of at most ``SAVE_SLOPE_MAX_TOKENS``
+        tokens.
+      fused_slope: with the SiLU, the backward kernel multiplies the cotangent by the slope as
+        it loads them (else an XLA pass does, before the kernel); None:
+        ``FUSED_SLOPE_BY_DEFAULT``.
     """
 
     block_rows: int = 32
     block_channels: int = 64
     num_warps: int = 4
+    save_slope: bool | None = None
+    fused_slope: bool | None = None
 
     def __post_init__(self):
         check_powers_of_two(self, ("block_rows", "block_channels", "num_warps"))
+
+    def saves_slope(self, tokens: int) -> bool:
+        """Whether the forward stores the SiLU slope for images of ``tokens`` tokens."""
+        if self.save_slope is None:
+            return tokens <= SAVE_SLOPE_MAX_TOKENS
+        return self.save_slope
+
+    def fuses_slope(self) -> bool:
+        """Whether the backward kernel applies the SiLU slope itself."""
+        return FUSED_SLOPE_BY_DEFAULT if self.fused_slope is None else self.fused_slope
 
 
 def reference(x: jax.Array, kernel: jax.Array, act: bool = False) -> jax.Array:
@@ -95,15 +125,22 @@ def _acc_dtype(ref):
     return jnp.promote_types(ref.dtype, jnp.float32)
 
 
-def _gathered(ref, src, valid):
-    """Rows ``src`` of a [N, BC] ref as [BR, BC] (>= fp32), zero where not ``valid``."""
-    return jnp.where(valid[:, None], ref[src, :].astype(_acc_dtype(ref)), 0.0)
+def _rows_of(ref):
+    """Loader of rows ``src`` of a [N, BC] ref as [BR, BC] in >= fp32."""
+    return lambda src: ref[src, :].astype(_acc_dtype(ref))
 
 
-def _conv_tile(x_ref, w_ref, h, w, block_rows, flip):
+def _rows_times_slope(g_ref, slope_ref):
+    """Loader of rows ``src`` of ``g * slope`` (two [N, BC] refs) in >= fp32."""
+    dtype = jnp.promote_types(_acc_dtype(g_ref), _acc_dtype(slope_ref))
+    return lambda src: g_ref[src, :].astype(dtype) * slope_ref[src, :].astype(dtype)
+
+
+def _conv_tile(load, w_ref, h, w, block_rows, flip):
+    """sum over taps of ``load(source rows)`` (zero where the tap is padding) times the tap."""
     acc = None
     for t, src, valid in _tap_rows(h, w, block_rows, flip):
-        term = _gathered(x_ref, src, valid) * w_ref[t, :][None, :]
+        term = jnp.where(valid[:, None], load(src), 0.0) * w_ref[t, :][None, :]
         acc = term if acc is None else acc + term
     return acc
 
@@ -119,21 +156,41 @@ def _store_rows(ref, x, h, w, block_rows):
     plt.store(ref.at[pl.ds(start, block_rows), :], x.astype(ref.dtype), mask=rows < h * w)
 
 
-def _forward_kernel(x_ref, w_ref, y_ref, *, h, w, block_rows, act):
-    z = _conv_tile(x_ref, w_ref, h, w, block_rows, flip=False)
-    _store_rows(y_ref, jax.nn.silu(z) if act else z, h, w, block_rows)
+def silu_slope(z):
+    """``d silu(z) / dz = s (1 + z (1 - s))`` with ``s = sigmoid(z)``."""
+    s = jax.nn.sigmoid(z)
+    return s * (1 + z * (1 - s))
 
 
-def _backward_kernel(g_ref, x_ref, w_ref, dx_ref, dw_ref, *, h, w, block_rows):
-    """dx = correlation of g with the flipped taps; dw partial = sum_rows x(tap) * g."""
-    _store_rows(dx_ref, _conv_tile(g_ref, w_ref, h, w, block_rows, flip=True), h, w, block_rows)
+def _forward_kernel(x_ref, w_ref, *out_refs, h, w, block_rows, outputs):
+    """``outputs`` names what ``out_refs`` receive, in order: "z" (the convolution), "silu"
+    (its SiLU), "slope" (the SiLU's derivative at it)."""
+    z = _conv_tile(_rows_of(x_ref), w_ref, h, w, block_rows, flip=False)
+    values = {"z": lambda: z, "silu": lambda: jax.nn.silu(z), "slope": lambda: silu_slope(z)}
+    for name, ref in zip(outputs, out_refs, strict=True):
+        _store_rows(ref, values[name](), h, w, block_rows)
+
+
+def _backward_kernel(*refs, h, w, block_rows, slope):
+    """dx = correlation of g with the flipped taps; dw partial = sum_rows x(tap) * g.
+
+    refs: (g, x, taps, dx, dw), or with ``slope`` (dy, slope, x, taps, dx, dw) and
+    g = dy * slope formed as the rows are loaded."""
+    if slope:
+        dy_ref, slope_ref, x_ref, w_ref, dx_ref, dw_ref = refs
+        load_g = _rows_times_slope(dy_ref, slope_ref)
+    else:
+        g_ref, x_ref, w_ref, dx_ref, dw_ref = refs
+        load_g = _rows_of(g_ref)
+    _store_rows(dx_ref, _conv_tile(load_g, w_ref, h, w, block_rows, flip=True), h, w, block_rows)
     n = pl.program_id(1) * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
-    g = jnp.where((n < h * w)[:, None], g_ref[jnp.minimum(n, h * w - 1), :], 0)
+    g = jnp.where((n < h * w)[:, None], load_g(jnp.minimum(n, h * w - 1)), 0)
     g = g.astype(dw_ref.dtype)
     rows = jnp.arange(TAPS_PAD, dtype=jnp.int32)[:, None]
     dw = jnp.zeros(dw_ref.shape, dw_ref.dtype)
     for t, src, valid in _tap_rows(h, w, block_rows, flip=False):
-        part = jnp.sum(_gathered(x_ref, src, valid) * g, axis=0)  # [BC]
+        x_tap = jnp.where(valid[:, None], _rows_of(x_ref)(src), 0.0)
+        part = jnp.sum(x_tap * g, axis=0)  # [BC]
         dw = jnp.where(rows == t, part[None, :], dw)
     dw_ref[...] = dw
 
@@ -153,31 +210,38 @@ def _pad_taps(kernel, dtype):
     return jnp.pad(taps, ((0, TAPS_PAD - TAPS), (0, 0)))
 
 
-def _run_forward(x, taps, act, config, interpret):
+def _run_forward(x, taps, outputs, config, interpret):
+    """The forward kernel on x [B, H, W, C]: one [B, H, W, C] array in x's dtype per name of
+    ``outputs`` (see :func:`_forward_kernel`), as a tuple."""
     b, h, w, c = x.shape
     grid, image, weights = _specs(b, h, w, c, config)
-    y = pl.pallas_call(
-        functools.partial(_forward_kernel, h=h, w=w, block_rows=config.block_rows, act=act),
+    out = pl.pallas_call(
+        functools.partial(_forward_kernel, h=h, w=w, block_rows=config.block_rows, outputs=outputs),
         grid=grid,
         in_specs=[image, weights],
-        out_specs=image,
-        out_shape=jax.ShapeDtypeStruct((b, h * w, c), x.dtype),
+        out_specs=[image] * len(outputs),
+        out_shape=[jax.ShapeDtypeStruct((b, h * w, c), x.dtype)] * len(outputs),
         compiler_params=compiler_params(config),
         interpret=interpret,
         name="dwconv_forward",
     )(x.reshape(b, h * w, c), taps)
-    return y.reshape(b, h, w, c)
+    return tuple(y.reshape(b, h, w, c) for y in out)
 
 
-def _run_backward(g, x, taps, config, interpret):
+def _run_backward(g, slope, x, taps, config, interpret):
+    """(dx [B, H, W, C], dw [9, C]) for the cotangent ``g`` of the convolution, or with
+    ``slope`` (not None) for the cotangent ``g`` of its SiLU, the slope applied in the kernel."""
     b, h, w, c = x.shape
     grid, image, weights = _specs(b, h, w, c, config)
     bc = c // grid[2]
     dw_spec = pl.BlockSpec((None, None, TAPS_PAD, bc), lambda i, r, k: (i, r, 0, k))
+    rows = [g] if slope is None else [g, slope]
     dx, dw = pl.pallas_call(
-        functools.partial(_backward_kernel, h=h, w=w, block_rows=config.block_rows),
+        functools.partial(
+            _backward_kernel, h=h, w=w, block_rows=config.block_rows, slope=slope is not None
+        ),
         grid=grid,
-        in_specs=[image, image, weights],
+        in_specs=[image] * (len(rows) + 1) + [weights],
         out_specs=[image, dw_spec],
         out_shape=[
             jax.ShapeDtypeStruct((b, h * w, c), x.dtype),
@@ -186,28 +250,34 @@ def _run_backward(g, x, taps, config, interpret):
         compiler_params=compiler_params(config),
         interpret=interpret,
         name="dwconv_backward",
-    )(g.reshape(b, h * w, c), x.reshape(b, h * w, c), taps)
+    )(*(a.reshape(b, h * w, c) for a in (*rows, x)), taps)
     return dx.reshape(b, h, w, c), dw.sum(axis=(0, 1))[:TAPS]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _dwconv(x, kernel, act, config, interpret):
-    return _run_forward(x, _pad_taps(kernel, x.dtype), act, config, interpret)
+    outputs = ("silu",) if act else ("z",)
+    return _run_forward(x, _pad_taps(kernel, x.dtype), outputs, config, interpret)[0]
 
 
 def _dwconv_fwd(x, kernel, act, config, interpret):
-    return _dwconv(x, kernel, act, config, interpret), (x, kernel)
+    if act and config.saves_slope(x.shape[1] * x.shape[2]):
+        y, slope = _run_forward(x, _pad_taps(kernel, x.dtype), ("silu", "slope"), config, interpret)
+        return y, (x, kernel, slope)
+    return _dwconv(x, kernel, act, config, interpret), (x, kernel, None)
 
 
 def _dwconv_bwd(act, config, interpret, res, dy):
-    x, kernel = res
+    x, kernel, slope = res
     taps = _pad_taps(kernel, x.dtype)
-    g = dy.astype(taps.dtype)
+    g = dy.astype(x.dtype)
     if act:
-        z = _run_forward(x, taps, False, config, interpret).astype(taps.dtype)
-        s = jax.nn.sigmoid(z)
-        g = g * s * (1 + z * (1 - s))
-    dx, dw = _run_backward(g.astype(x.dtype), x, taps, config, interpret)
+        if slope is None:
+            (slope,) = _run_forward(x, taps, ("slope",), config, interpret)
+        if not config.fuses_slope():
+            g = (g.astype(taps.dtype) * slope.astype(taps.dtype)).astype(x.dtype)
+            slope = None
+    dx, dw = _run_backward(g, slope, x, taps, config, interpret)
     return dx, dw.reshape(kernel.shape).astype(kernel.dtype)
 
 

@@ -108,3 +108,82 @@ def test_bad_inputs_raise():
         dwconv.dwconv3x3(x, jnp.zeros((3, 3, 1, 8)))
     with pytest.raises(ValueError, match="block_rows=24; expected a power of two"):
         dwconv.Config(block_rows=24)
+
+
+SLOPE_CONFIGS = [
+    dwconv.Config(save_slope=save, fused_slope=fused)
+    for save in (False, True)
+    for fused in (False, True)
+]
+
+
+@pytest.mark.skipif(ON_GPU, reason="float64 runs interpreted (CPU) only")
+@pytest.mark.parametrize(
+    "config", SLOPE_CONFIGS, ids=lambda c: f"save{c.save_slope}-fused{c.fused_slope}"
+)
+@pytest.mark.parametrize("shape", [(2, 14, 14, 192), (3, 1, 1, 8), (1, 5, 7, 16)])
+def test_slope_options_float64_match_numpy(x64, config, shape):
+    """Saving the SiLU slope and applying it in the backward kernel change no value."""
+    x, w, dy = _inputs(shape, seed=2)
+    got = _run(x, w, dy, True, config, jnp.float64)
+    for name, value, want in zip(
+        ("y", "dx", "dw"), got, numpy_conv_act(x, w, dy, True), strict=True
+    ):
+        np.testing.assert_allclose(value, want, rtol=1e-11, atol=1e-11, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "config", SLOPE_CONFIGS, ids=lambda c: f"save{c.save_slope}-fused{c.fused_slope}"
+)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 4e-2)])
+def test_slope_options_low_precision(config, dtype, tol):
+    x, w, dy = _inputs((2, 14, 14, 192), seed=3)
+    ref = numpy_conv_act(
+        *(np.asarray(jnp.asarray(a, dtype).astype(jnp.float32), np.float64) for a in (x, w, dy)),
+        True,
+    )
+    for name, value, want in zip(
+        ("y", "dx", "dw"), _run(x, w, dy, True, config, dtype), ref, strict=True
+    ):
+        assert value.dtype == dtype, name
+        err = np.max(np.abs(np.asarray(value, np.float64) - want)) / np.max(np.abs(want))
+        assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
+
+
+def test_slope_defaults_follow_the_module_switches(monkeypatch):
+    monkeypatch.setattr(dwconv, "SAVE_SLOPE_MAX_TOKENS", 196)
+    monkeypatch.setattr(dwconv, "FUSED_SLOPE_BY_DEFAULT", True)
+    config = dwconv.Config()
+    assert config.saves_slope(196) and not config.saves_slope(197)
+    assert config.fuses_slope()
+    assert not dwconv.Config(save_slope=False).saves_slope(1)
+    assert not dwconv.Config(fused_slope=False).fuses_slope()
+    monkeypatch.setattr(dwconv, "SAVE_SLOPE_MAX_TOKENS", 0)
+    monkeypatch.setattr(dwconv, "FUSED_SLOPE_BY_DEFAULT", False)
+    assert not dwconv.Config().saves_slope(1) and not dwconv.Config().fuses_slope()
+
+
+@pytest.mark.parametrize(
+    "config, act, calls",
+    [
+        (dwconv.Config(), False, 2),  # forward; backward
+        (dwconv.Config(save_slope=False), True, 3),  # forward; slope again, backward
+        (dwconv.Config(save_slope=False, fused_slope=True), True, 3),
+        (dwconv.Config(save_slope=True), True, 2),  # forward with the slope; backward
+        (dwconv.Config(save_slope=True, fused_slope=True), True, 2),
+    ],
+)
+def test_cuda_lowering_runs_the_expected_kernels(config, act, calls):
+    """Each option lowers for an H100 (Triton) and the saved slope removes the backward's
+    forward kernel."""
+    from lowering import TRITON_CALL, h100_lowering
+
+    x = jnp.zeros((8, 14, 14, 192), jnp.bfloat16)
+    w = jnp.zeros((3, 3, 192), jnp.bfloat16)
+
+    def loss(a, k):
+        y = dwconv.dwconv3x3(a, k, act=act, config=config, interpret=False)
+        return jnp.sum(y.astype(jnp.float32))
+
+    text = h100_lowering(jax.value_and_grad(loss, argnums=(0, 1)), x, w)
+    assert text.count(TRITON_CALL) == calls

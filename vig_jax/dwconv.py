@@ -9,7 +9,9 @@ in convolutions in every profile on the H100, but 10.2 of 25.0 ms in one compile
 convolution is an elementwise XLA fusion whose cost does not depend on an autotuner:
 
 * ``"pallas"`` (default on a GPU): :func:`pallas_kernels.dwconv.dwconv3x3`, Triton kernels
-  with the SiLU fused and a backward that keeps only the input;
+  with the SiLU fused and a backward that keeps only the input (or also the SiLU's slope, and
+  applies it inside its kernel: ``pallas_kernels.dwconv.SAVE_SLOPE_MAX_TOKENS`` and
+  ``FUSED_SLOPE_BY_DEFAULT``, off until timed);
 * ``"shifted"`` (default elsewhere): the forward as nine shifted products (sums in >= fp32),
   gradients by autodiff (``dx`` the same nine products of ``dy``, ``dw`` nine reductions that
   XLA fuses);
