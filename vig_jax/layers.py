@@ -256,6 +256,11 @@ def _patch_product(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -
     return jnp.dot(_patches(x, k, stride, padding), kernel.reshape(k * k * c_in, c_out))
 
 
+# PatchEmbed's first convolution as :func:`conv_as_product` (True) or ``nnx.Conv`` (cuDNN on a
+# GPU): the same values; a switch so that benchmarks/ab_step.py can time both.
+STEM_AS_PRODUCT = True
+
+
 def conv_as_product(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     """``conv(x)`` for a dense, undilated ``nnx.Conv`` with symmetric padding, computed as one
     matrix product of the input windows ([B, h, w, k k C] @ [k k C, O]); the windows are
@@ -311,7 +316,8 @@ class PatchEmbed(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, H, W, 3] images -> [B, h, w, embed_dim] tokens."""
-        y = self.norm1(conv_as_product(self.conv1, x))
+        y = conv_as_product(self.conv1, x) if STEM_AS_PRODUCT else self.conv1(x)
+        y = self.norm1(y)
         y = jax.nn.gelu(y, approximate=False) if self.hierarchical else jax.nn.silu(y)
         return self.norm2(self.conv2(y))
 
