@@ -134,7 +134,7 @@ def test_patch_product_switch_changes_no_value(x64, monkeypatch):
         monkeypatch.setattr(deit, "PATCH_EMBED_AS_PRODUCT", product)
         results.append(nnx.value_and_grad(loss)(model))
         graphdef, state = nnx.split(model)
-        jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+        jaxpr = jax.make_jaxpr(lambda s, x, g=graphdef: nnx.merge(g, s)(x))(state, x)
         convs.append(str(jaxpr).count("conv_general_dilated"))
     assert convs == [1, 0]
     (v_conv, g_conv), (v_prod, g_prod) = results

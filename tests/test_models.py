@@ -378,7 +378,7 @@ def test_stem_switch_changes_no_value(monkeypatch):
         monkeypatch.setattr(vig_layers, "STEM_AS_PRODUCT", product)
         results.append(nnx.value_and_grad(loss)(model))
         graphdef, state = nnx.split(model)
-        jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+        jaxpr = jax.make_jaxpr(lambda s, x, g=graphdef: nnx.merge(g, s)(x))(state, x)
         convs.append(str(jaxpr).count("conv_general_dilated"))
     assert convs[1] == convs[0] + 1  # the switch takes the first stem conv off lax.conv
     (v_prod, g_prod), (v_conv, g_conv) = results
