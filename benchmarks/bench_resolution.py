@@ -54,16 +54,23 @@ against resolution) with the official code's numbers (vig-reference.md section 1
 
     # NEXT SESSION (H100), one `run` call, timeout_s=600 (give --max-seconds >= 200: the
     # deadline skips a chunk it cannot compile and time; keep few files under $OUT, a run with
-    # many lost its JSON). The Pallas gate and RMSNorm kernels (1edc7fb, 280d4ae) are off by
-    # default until timed: first their GPU tests, then the 224 px bar with them on and off
-    # (ea769b4, all off: 0.71x; resolution_bars_h100_ea769b4.log), then flip
-    # PALLAS_GATES_BY_DEFAULT / PALLAS_NORM_BY_DEFAULT where they win:
-    python3 -m pytest -q tests/test_gates_kernel.py tests/test_rms_norm_kernel.py
-    python3 -m benchmarks.bench_resolution --models vig_t,deit_t --resolutions 224 \
-        --dtypes bfloat16 --no-flops --max-seconds 200 --gate-impl pallas --norm-impl pallas \
-        --out $OUT/bars224_kernels.json
-    python3 -m benchmarks.profile_step --models vig_t --gate-implementation pallas \
-        --norm-implementation pallas --top 40   # and without the two flags
+    # many lost its JSON). Off by default until timed on a GPU: the Pallas gate and RMSNorm
+    # kernels (PALLAS_GATES_BY_DEFAULT, PALLAS_NORM_BY_DEFAULT), the depthwise conv's SiLU slope
+    # options (pallas_kernels.dwconv.SAVE_SLOPE_MAX_TOKENS / FUSED_SLOPE_BY_DEFAULT); on but
+    # never timed: ViG's stem product (vig_jax.layers.STEM_AS_PRODUCT); DeiT's patch product
+    # (vig_jax.deit.PATCH_EMBED_AS_PRODUCT) is a candidate for a faster baseline. First the GPU
+    # tests, then every switch against the default in one process (benchmarks/ab_step.py: the
+    # bars' step, compiled together, timed in rotation; ea769b4, all off: 0.71x); flip the
+    # switches that win, then the bars:
+    python3 -m pytest -q tests/test_gates_kernel.py tests/test_rms_norm_kernel.py \
+        tests/test_dwconv_kernel.py
+    P=pallas_kernels.dwconv; python3 -m benchmarks.ab_step --out $OUT/ab.json deit=deit_t \
+        deit_prod=deit_t,vig_jax.deit.PATCH_EMBED_AS_PRODUCT=True vig=vig_t \
+        vig_cudnn_stem=vig_t,vig_jax.layers.STEM_AS_PRODUCT=False \
+        vig_gates=vig_t,vig_jax.bigla.PALLAS_GATES_BY_DEFAULT=True \
+        vig_norm=vig_t,vig_jax.layers.PALLAS_NORM_BY_DEFAULT=True \
+        vig_slope=vig_t,$P.SAVE_SLOPE_MAX_TOKENS=1024,$P.FUSED_SLOPE_BY_DEFAULT=True \
+        vig_all=vig_t,vig_jax.bigla.PALLAS_GATES_BY_DEFAULT=True,vig_jax.layers.PALLAS_NORM_BY_DEFAULT=True,$P.SAVE_SLOPE_MAX_TOKENS=1024,$P.FUSED_SLOPE_BY_DEFAULT=True
     # The bars at all three sizes (last run: ea769b4, 224 / 1024 / 2048 at 0.71x / 1.22x / 2.79x):
     python3 -m benchmarks.bench_resolution --models vig_t,deit_t --resolutions 224,1024,2048 \
         --dtypes bfloat16 --no-flops --max-seconds 400 --out $OUT/resolution_bars.json
