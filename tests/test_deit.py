@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from agreement import assert_switch_changes_no_value
 from flax import nnx
 from scipy.special import erf
 
@@ -128,16 +129,6 @@ def test_patch_product_switch_changes_no_value(x64, monkeypatch):
     kw = dict(img_size=16, patch_size=4, num_classes=5, dtype=jnp.float64)
     model = deit.create_deit("deit_mu", param_dtype=jnp.float64, rngs=nnx.Rngs(3), **kw)
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3), jnp.float64)
-    loss = lambda m: jnp.sum(jnp.sin(m(x)))
-    results, convs = [], []
-    for product in (False, True):
-        monkeypatch.setattr(deit, "PATCH_EMBED_AS_PRODUCT", product)
-        results.append(nnx.value_and_grad(loss)(model))
-        graphdef, state = nnx.split(model)
-        jaxpr = jax.make_jaxpr(lambda s, x, g=graphdef: nnx.merge(g, s)(x))(state, x)
-        convs.append(str(jaxpr).count("conv_general_dilated"))
-    assert convs == [1, 0]
-    (v_conv, g_conv), (v_prod, g_prod) = results
-    np.testing.assert_allclose(v_prod, v_conv, rtol=1e-12)
-    for a, b in zip(jax.tree.leaves(g_prod), jax.tree.leaves(g_conv), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert_switch_changes_no_value(
+        monkeypatch, deit, "PATCH_EMBED_AS_PRODUCT", model, x, convs=(1, 0), rtol=1e-10, atol=1e-12
+    )

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from agreement import assert_same_value_and_grads
+from agreement import assert_same_value_and_grads, assert_switch_changes_no_value
 from flax import nnx
 from official_state_dict import OFFICIAL_PARAM_COUNTS
 
@@ -367,24 +367,14 @@ def test_stem_conv_as_product_equals_lax_conv(x64, patch, hierarchical, size):
 
 
 def test_stem_switch_changes_no_value(monkeypatch):
-    """``STEM_AS_PRODUCT`` off (the first stem conv through nnx.Conv): the same logits and
+    """``STEM_AS_PRODUCT`` (the first stem conv as a product, else nnx.Conv): the same logits and
     gradients (to fp32 rounding; the product itself is checked in float64 above)."""
     model = create_model("vig_t", rngs=nnx.Rngs(0), **TINY)
     model.eval()
     x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
-    loss = lambda m: jnp.sum(jnp.sin(m(x)))
-    results, convs = [], []
-    for product in (True, False):
-        monkeypatch.setattr(vig_layers, "STEM_AS_PRODUCT", product)
-        results.append(nnx.value_and_grad(loss)(model))
-        graphdef, state = nnx.split(model)
-        jaxpr = jax.make_jaxpr(lambda s, x, g=graphdef: nnx.merge(g, s)(x))(state, x)
-        convs.append(str(jaxpr).count("conv_general_dilated"))
-    assert convs[1] == convs[0] + 1  # the switch takes the first stem conv off lax.conv
-    (v_prod, g_prod), (v_conv, g_conv) = results
-    np.testing.assert_allclose(v_prod, v_conv, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g_prod), jax.tree.leaves(g_conv), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+    assert_switch_changes_no_value(
+        monkeypatch, vig_layers, "STEM_AS_PRODUCT", model, x, convs=(2, 1), rtol=2e-4, atol=2e-6
+    )
 
 
 # ----------------------------------------------------------------------------- dtypes
