@@ -60,12 +60,20 @@ def test_a_switch_changes_only_its_own_variants_step():
     assert text[0] == text[2]
 
 
-def test_run_times_every_variant():
+def test_run_times_every_variant_from_one_initial_state():
+    """Two variants of one model (the patch embedding as a product or a conv: the same values)
+    start from the same parameters, so they train to the same loss."""
     args = argparse.Namespace(
         img=32, batch=2, dtype="float32", rounds=2, warmup=1, steps=2, compile_workers=2
     )
-    rows = ab_step.run([ab_step.parse_variant("d=deit_t")], args)
-    (row,) = rows
-    assert row["name"] == "d" and row["steps_timed"] == 4
-    assert row["train_ms"] > 0 and row["train_img_s"] == pytest.approx(2e3 / row["train_ms"])
-    assert row["kernel_ms"] is None  # no CUPTI off the GPU
+    variants = [
+        ab_step.parse_variant("conv=deit_t"),
+        ab_step.parse_variant("product=deit_t,vig_jax.deit.PATCH_EMBED_AS_PRODUCT=True"),
+    ]
+    rows = ab_step.run(variants, args)
+    assert [r["name"] for r in rows] == ["conv", "product"]
+    for row in rows:
+        assert row["steps_timed"] == 4
+        assert row["train_ms"] > 0 and row["train_img_s"] == pytest.approx(2e3 / row["train_ms"])
+        assert row["kernel_ms"] is None  # no CUPTI off the GPU
+    assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-3)
