@@ -42,7 +42,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from benchmarks.bench_resolution import _custom_calls, _device_rest, _host_rest, _Model
+from benchmarks.bench_resolution import (
+    ChildConfig,
+    _Child,
+    _custom_calls,
+    _device_rest,
+    _Model,
+    reuse_params,
+)
 
 DTYPES = ("bfloat16", "float32")
 
@@ -134,29 +141,22 @@ def _compile(item: _Lowered) -> _Lowered:
     return item
 
 
-class _States:
-    """Initial training states, the model initialised and its data prepared once per model.
+def _stepper(item: _Lowered, child: _Child, preps: dict[str, Any], batch: int):
+    """A function that runs one training step of ``item`` (its state donated and replaced) and
+    returns the loss. The state starts from ``child``'s host-side initialisation of the model
+    (one init compile per model, as in the resolution study); the AdamW state and the fixed
+    images and labels come from the model's preparation, jitted once per model."""
+    host_params, host_rest = child.host_init(item.model)
+    params = jax.device_put(reuse_params(item.params, host_params))
+    prep = preps.setdefault(item.variant.model, jax.jit(item.model.prep_fn(batch)))
+    opt_state, images, labels = prep(params)
+    holder = [(params, opt_state, _device_rest(host_rest))]
 
-    Variants of one model with the same parameter shapes start from copies of one host-side
-    initialisation (each variant's state is donated, so each gets its own device buffers); the
-    jitted init and preparation compile once per model (~20 s each for ViG-T on the H100)."""
+    def step():
+        holder[0], loss = item.compiled(holder[0], images, labels)
+        return loss
 
-    def __init__(self, batch: int):
-        self.batch = batch
-        self.cache: dict[Any, tuple[Any, Any, Any]] = {}
-
-    def __call__(self, item: _Lowered):
-        """([(params, AdamW state, model rest)], images, labels) on the device for ``item``."""
-        shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), item.params)
-        key = (item.variant.model, jax.tree.structure(item.params), str(jax.tree.leaves(shapes)))
-        if key not in self.cache:
-            params, rest = jax.jit(item.model.init_fn())()
-            host = (jax.device_get(params), _host_rest(rest))
-            self.cache[key] = (*host, jax.jit(item.model.prep_fn(self.batch)))
-        host_params, host_rest, prep = self.cache[key]
-        params, rest = jax.device_put(host_params), _device_rest(host_rest)
-        opt_state, images, labels = prep(params)
-        return [(params, opt_state, rest)], images, labels
+    return step
 
 
 def _kernels(call) -> list[tuple[str, float]] | None:
@@ -177,29 +177,23 @@ def run(variants: list[Variant], args: argparse.Namespace) -> list[dict[str, Any
         items = list(pool.map(_compile, items))
     print(f"compiled ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    initial = _States(args.batch)
-    states = [initial(item) for item in items]
+    child, preps = _Child(ChildConfig(chunks=[])), {}
+    steps = [_stepper(item, child, preps, args.batch) for item in items]
     times: dict[str, list[float]] = collections.defaultdict(list)
     losses: dict[str, float] = {}
     for _ in range(args.rounds):
-        for item, (holder, images, labels) in zip(items, states, strict=True):
+        for item, step in zip(items, steps, strict=True):
             for i in range(args.warmup + args.steps):
                 t = time.perf_counter()
-                holder[0], loss = item.compiled(holder[0], images, labels)
-                jax.block_until_ready(loss)
+                loss = jax.block_until_ready(step())
                 if i >= args.warmup:
                     times[item.variant.name].append(time.perf_counter() - t)
             losses[item.variant.name] = float(loss)
 
     rows = []
-    for item, (holder, images, labels) in zip(items, states, strict=True):
+    for item, step in zip(items, steps, strict=True):
         name = item.variant.name
-
-        def one_step(item=item, holder=holder, images=images, labels=labels):
-            holder[0], loss = item.compiled(holder[0], images, labels)
-            return loss
-
-        kernels = _kernels(one_step)
+        kernels = _kernels(step)
         median = statistics.median(times[name])
         rows.append(
             {
