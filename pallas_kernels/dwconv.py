@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.rows import check_powers_of_two, compiler_params, resolve_interpret
+from pallas_kernels.rows import check_powers_of_two, compiler_params, resolve_interpret, row_block
 
 TAPS = 9
 TAPS_PAD = 16  # weights are [16, C] inside the kernels (power-of-two blocks)
@@ -150,10 +150,8 @@ def _store_rows(ref, x, h, w, block_rows):
 
     The output blocks are whole images because the Triton lowering does not mask a ragged last
     block: a [BR, BC] tile block past the image's end wrote into the next image's rows (H100)."""
-    index = jax.dtypes.canonicalize_dtype(jnp.int64)  # the slices' 0 is int64 under x64
-    start = (pl.program_id(1) * block_rows).astype(index)
-    rows = start + lax.broadcasted_iota(start.dtype, x.shape, 0)
-    plt.store(ref.at[pl.ds(start, block_rows), :], x.astype(ref.dtype), mask=rows < h * w)
+    start, mask = row_block(block_rows, h * w, x.shape[1], axis=1)
+    plt.store(ref.at[pl.ds(start, block_rows), :], x.astype(ref.dtype), mask=mask)
 
 
 def silu_slope(z):

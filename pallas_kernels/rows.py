@@ -1,7 +1,7 @@
 """Pieces shared by the row-blocked kernels (``gated_norm``, ``gates``, ``rms_norm``; ``dwconv``
-uses the config check, compiler parameters and interpret default): each program takes
-``block_rows`` rows of a [R, D] array passed whole, and masks the rows past R itself, because the
-Triton lowering does not mask a ragged last block."""
+uses the config check, compiler parameters, interpret default and the row mask of its stores):
+each program takes ``block_rows`` rows of a [R, D] array passed whole, and masks the rows past R
+itself, because the Triton lowering does not mask a ragged last block."""
 
 from __future__ import annotations
 
@@ -41,11 +41,11 @@ def column_tile(width: int) -> int | None:
     return tile if tile >= MIN_TILE else None
 
 
-def row_block(block_rows: int, rows: int, width: int | None = None):
+def row_block(block_rows: int, rows: int, width: int | None = None, axis: int = 0):
     """(first row of this program, mask of the rows inside the array: [block_rows, width], or
-    [block_rows] for ``width`` None)."""
+    [block_rows] for ``width`` None); the row blocks are walked by grid axis ``axis``."""
     index = jax.dtypes.canonicalize_dtype(jnp.int64)  # the slices' 0 is int64 under x64
-    start = (pl.program_id(0) * block_rows).astype(index)
+    start = (pl.program_id(axis) * block_rows).astype(index)
     shape = (block_rows,) if width is None else (block_rows, width)
     row = start + lax.broadcasted_iota(start.dtype, shape, 0)
     return start, row < rows
