@@ -346,6 +346,18 @@ def test_vig_with_the_pallas_gates_and_norms_matches_xla():
 
 
 # ----------------------------------------------------------------------------- stem
+def _assert_product_is_conv(conv, x):
+    """conv_as_product(conv, x) has nnx.Conv's values and kernel / bias gradients (float64)."""
+    np.testing.assert_allclose(conv_as_product(conv, x), conv(x), rtol=1e-12, atol=1e-12)
+    loss = lambda f: lambda c: jnp.sum(jnp.sin(f(c)))
+    want = nnx.grad(loss(lambda c: c(x)))(conv)
+    got = nnx.grad(loss(lambda c: conv_as_product(c, x)))(conv)
+    for name in ("kernel", "bias"):
+        np.testing.assert_allclose(
+            getattr(got, name)[...], getattr(want, name)[...], rtol=1e-11, atol=1e-11
+        )
+
+
 @pytest.mark.parametrize(
     "patch,hierarchical,size", [(16, False, 224), (16, False, 37), (4, True, 30)]
 )
@@ -356,14 +368,18 @@ def test_stem_conv_as_product_equals_lax_conv(x64, patch, hierarchical, size):
     conv = torch_conv(3, 8, kernel, stride, padding, dtype=None, param_dtype=jnp.float64,
                       rngs=nnx.Rngs(0))  # fmt: skip
     x = jax.random.normal(jax.random.key(1), (2, size, size + 3, 3), jnp.float64)
-    np.testing.assert_allclose(conv_as_product(conv, x), conv(x), rtol=1e-12, atol=1e-12)
-    loss = lambda f: lambda c: jnp.sum(jnp.sin(f(c)))
-    want = nnx.grad(loss(lambda c: c(x)))(conv)
-    got = nnx.grad(loss(lambda c: conv_as_product(c, x)))(conv)
-    for name in ("kernel", "bias"):
-        np.testing.assert_allclose(
-            getattr(got, name)[...], getattr(want, name)[...], rtol=1e-11, atol=1e-11
-        )
+    _assert_product_is_conv(conv, x)
+
+
+@pytest.mark.parametrize("size", [16, 30])
+def test_valid_patchify_conv_as_product_equals_lax_conv(x64, size):
+    """A "VALID" p x p, stride-p convolution (DeiT's patch embedding; windows tiling the image,
+    taken by one reshape) as one product: lax.conv's values and kernel / bias gradients in
+    float64, an image size that p does not divide included (the last rows dropped)."""
+    conv = nnx.Conv(3, 8, kernel_size=(4, 4), strides=(4, 4), padding="VALID",
+                    param_dtype=jnp.float64, rngs=nnx.Rngs(0))  # fmt: skip
+    x = jax.random.normal(jax.random.key(1), (2, size, size + 3, 3), jnp.float64)
+    _assert_product_is_conv(conv, x)
 
 
 def test_stem_switch_changes_no_value(monkeypatch):

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vig_jax.layers import DropPath, drop_path_rates
+from vig_jax.layers import DropPath, conv_as_product, drop_path_rates
 from vig_jax.registry import register_model
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
@@ -174,22 +174,9 @@ def _layer_norm(dim: int, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 # The patch embedding (a p x p, stride p convolution on 3 channels) as nnx.Conv (cuDNN on a GPU;
 # the default, the baseline every resolution-study row so far measured) or as one matrix product
-# of the flattened patches (:func:`patch_product`): the same values; benchmarks/ab_step.py times
-# both (ViG's stem takes the product form, vig_jax.layers.STEM_AS_PRODUCT).
+# of the flattened patches (vig_jax.layers.conv_as_product, as ViG's stem): the same values;
+# benchmarks/ab_step.py times both.
 PATCH_EMBED_AS_PRODUCT = False
-
-
-def patch_product(conv: nnx.Conv, x: jax.Array) -> jax.Array:
-    """``conv(x)`` for a p x p, stride-p, unpadded ``nnx.Conv``: [B, H, W, C] -> [B, H/p, W/p, O]
-    as the patches [B, H/p, W/p, p p C] (ordered as the HWIO kernel flattens) times the kernel
-    reshaped to [p p C, O]."""
-    p, _, c, out = conv.kernel.shape
-    b, height, width, _ = x.shape
-    dtype = conv.dtype or jnp.result_type(x, conv.kernel[...])
-    patches = x.astype(dtype).reshape(b, height // p, p, width // p, p, c)
-    patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, height // p, width // p, p * p * c)
-    y = jnp.dot(patches, conv.kernel[...].astype(dtype).reshape(p * p * c, out))
-    return y + conv.bias[...].astype(dtype)
 
 
 class Block(nnx.Module):
@@ -323,7 +310,7 @@ class DeiT(nnx.Module):
                 f"input has shape {x.shape}; expected [B, {self.img_size}, {self.img_size}, 3]"
             )
         x = x.astype(self.dtype)
-        x = patch_product(self.patch_embed, x) if PATCH_EMBED_AS_PRODUCT else self.patch_embed(x)
+        x = conv_as_product(self.patch_embed, x) if PATCH_EMBED_AS_PRODUCT else self.patch_embed(x)
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)
         cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, d))

@@ -238,10 +238,14 @@ def stem_output_size(size: int, patch_size: int, hierarchical: bool) -> int:
 
 def _patches(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
     """[B, H, W, C] -> [B, h, w, kernel * kernel * C]: each output position's input window
-    (zero padded), ordered (row, column, channel) as an HWIO kernel reshaped to [k k C, O]."""
-    _, height, width, _ = x.shape
+    (zero padded), ordered (row, column, channel) as an HWIO kernel reshaped to [k k C, O].
+    Windows that tile the image (stride = kernel, no padding) are one reshape and transpose."""
+    b, height, width, c = x.shape
     oh = conv_out_size(height, kernel, stride, padding)
     ow = conv_out_size(width, kernel, stride, padding)
+    if stride == kernel and padding == 0:
+        x = x[:, : oh * kernel, : ow * kernel].reshape(b, oh, kernel, ow, kernel, c)
+        return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, oh, ow, kernel * kernel * c)
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     windows = [
         x[:, i : i + stride * (oh - 1) + 1 : stride, j : j + stride * (ow - 1) + 1 : stride]
@@ -262,18 +266,19 @@ STEM_AS_PRODUCT = True
 
 
 def conv_as_product(conv: nnx.Conv, x: jax.Array) -> jax.Array:
-    """``conv(x)`` for a dense, undilated ``nnx.Conv`` with symmetric padding, computed as one
-    matrix product of the input windows ([B, h, w, k k C] @ [k k C, O]); the windows are
-    rebuilt in the backward pass (rematerialised), not kept.
+    """``conv(x)`` for a dense, undilated ``nnx.Conv`` with symmetric or ``"VALID"`` padding,
+    computed as one matrix product of the input windows ([B, h, w, k k C] @ [k k C, O]); the
+    windows are rebuilt in the backward pass (rematerialised), not kept.
 
     For the stem's first convolution (3 input channels). In the H100 profile of ViG-T's training
     step at ea769b4 (224 px, batch 128, bf16; ``benchmarks/profile_step.py``) cuDNN's stem
     kernels were a generic ``convolve_common_engine_float_NHWC``, an ``nhwcAddPadding`` pass and
     a cutlass weight-gradient kernel, 0.42 ms together (DeiT-T's 3-channel patch conv shows the
     same generic kernel), where the windows of this one ([128, 28, 28, 243] bf16) take ~0.05 ms
-    of bandwidth. The product form is not yet timed on a GPU.
+    of bandwidth. The product form is not yet timed on a GPU. DeiT's patch embedding (16 x 16,
+    stride 16, "VALID") can run through it too (``vig_jax.deit.PATCH_EMBED_AS_PRODUCT``).
     """
-    (padding, _), _ = conv.padding
+    (padding, _), _ = ((0, 0), None) if conv.padding == "VALID" else conv.padding
     kernel = conv.kernel[...]
     dtype = conv.dtype or jnp.result_type(x, kernel)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
