@@ -27,7 +27,6 @@ the baseline of the ratios) and writes JSON.
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import concurrent.futures
 import contextlib
@@ -48,6 +47,7 @@ from benchmarks.bench_resolution import (
     _custom_calls,
     _device_rest,
     _Model,
+    parse_switch,
     reuse_params,
 )
 
@@ -74,19 +74,10 @@ def parse_variant(spec: str) -> Variant:
     model, *parts = rest.split(",")
     switches = []
     for part in parts:
-        target, sep, literal = part.partition("=")
-        module, dot, attr = target.rpartition(".")
-        if not sep or not dot:
-            raise ValueError(f"switch {part!r} of variant {name!r}; expected MODULE.ATTR=VALUE")
         try:
-            value = ast.literal_eval(literal)
-        except (ValueError, SyntaxError) as err:
-            raise ValueError(
-                f"switch {part!r} of variant {name!r}: {literal!r} is not a Python literal"
-            ) from err
-        if not hasattr(importlib.import_module(module), attr):
-            raise ValueError(f"switch {part!r} of variant {name!r}: {module} has no {attr!r}")
-        switches.append((module, attr, value))
+            switches.append(parse_switch(part))
+        except ValueError as err:
+            raise ValueError(f"variant {name!r}: {err}") from err
     return Variant(name, model, tuple(switches))
 
 

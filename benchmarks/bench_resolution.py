@@ -97,8 +97,10 @@ against resolution) with the official code's numbers (vig-reference.md section 1
 from __future__ import annotations
 
 import argparse
+import ast
 import concurrent.futures
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -176,6 +178,32 @@ class Unit:
     @property
     def name(self) -> str:
         return f"{self.model}/{self.img}/{self.dtype}/{self.batch or 'auto'}"
+
+
+def parse_switch(spec: str) -> tuple[str, str, Any]:
+    """``MODULE.ATTR=VALUE`` -> (module, attribute, value), VALUE a Python literal.
+
+    A switch is a module-level constant read when a model is built or traced (the
+    ``*_BY_DEFAULT`` constants, policy limits). Raises ValueError naming ``spec`` when it is
+    malformed or the attribute does not exist (a misspelt switch would silently time the
+    default)."""
+    target, sep, literal = spec.partition("=")
+    module, dot, attr = target.rpartition(".")
+    if not sep or not dot or not attr:
+        raise ValueError(f"switch {spec!r}; expected MODULE.ATTR=VALUE")
+    try:
+        value = ast.literal_eval(literal)
+    except (ValueError, SyntaxError) as err:
+        raise ValueError(f"switch {spec!r}: {literal!r} is not a Python literal") from err
+    if not hasattr(importlib.import_module(module), attr):
+        raise ValueError(f"switch {spec!r}: {module} has no attribute {attr!r}")
+    return module, attr, value
+
+
+def set_switches(switches: list[list[Any]] | tuple[tuple[str, str, Any], ...]) -> None:
+    """Sets each (module, attribute, value) of :func:`parse_switch` for the rest of the process."""
+    for module, attr, value in switches:
+        setattr(importlib.import_module(module), attr, value)
 
 
 def say(line: str) -> None:
@@ -533,6 +561,7 @@ class ChildConfig:
     output_impl: str | None = None
     gate_impl: str | None = None
     norm_impl: str | None = None
+    switches: list[list[Any]] = dataclasses.field(default_factory=list)  # [module, attr, value]
     warmup: int = 2
     max_steps: int = 20
     min_steps: int = 3
@@ -881,6 +910,7 @@ def child_main(cfg: ChildConfig) -> None:
     """Runs ``cfg`` and prints ``CHUNK``/``START``/``RESULT {json}`` lines; exits with
     :data:`EXIT_RUNTIME_OOM` after an out-of-memory while running (the parent restarts)."""
     _setup_jax(cfg.cache_dir)
+    set_switches(cfg.switches)
     import flax
     import jax
 
@@ -889,6 +919,7 @@ def child_main(cfg: ChildConfig) -> None:
         "backend": jax.default_backend(),
         "jax": jax.__version__,
         "flax": flax.__version__,
+        "switches": {f"{m}.{a}": v for m, a, v in cfg.switches},
     }
     from pallas_kernels.bigla import api as bigla_api
 
@@ -1225,6 +1256,7 @@ class Runner:
             output_impl=args.output_impl,
             gate_impl=args.gate_impl,
             norm_impl=args.norm_impl,
+            switches=[list(parse_switch(spec)) for spec in args.set],
             warmup=args.warmup,
             max_steps=args.steps,
             min_steps=min(3, args.steps),
@@ -1717,6 +1749,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--norm-impl", default=None, help="plain ViG's RMSNorms: xla | pallas (GPU); ViG-H: unset"
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="MODULE.ATTR=VALUE",
+        help="set a module-level switch in the measuring process (repeatable; recorded per row)",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=20, help="most timed steps per measurement")
     p.add_argument("--measure-seconds", type=float, default=1.0)
@@ -1773,6 +1812,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.no_bars = True
         args.warmup, args.steps, args.measure_seconds = 1, 2, 0.0
         args.compile_workers = 2
+    for spec in args.set:
+        parse_switch(spec)  # a bad switch fails here, not in the child
     if args.max_batch not in BATCH_CANDIDATES:
         raise ValueError(f"--max-batch {args.max_batch}; expected one of {BATCH_CANDIDATES}")
     return args

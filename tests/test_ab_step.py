@@ -34,7 +34,7 @@ def test_parse_variant_rejects_malformed_specs(spec, message):
 
 
 def test_unknown_switch_is_an_error_not_a_silent_baseline():
-    with pytest.raises(ValueError, match="vig_jax.bigla has no 'GATE_NORMALISER'"):
+    with pytest.raises(ValueError, match="vig_jax.bigla has no attribute 'GATE_NORMALISER'"):
         ab_step.parse_variant("a=vig_t,vig_jax.bigla.GATE_NORMALISER=8.0")
 
 

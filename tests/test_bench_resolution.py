@@ -317,12 +317,21 @@ def test_deit_t_flops_at_224_match_the_hand_count():
 # ---- end to end on the CPU ---------------------------------------------------------------------
 
 
+def test_switches_reach_the_child_and_a_misspelt_one_is_an_error(tmp_path):
+    args = make_args(tmp_path, "--set", "vig_jax.layers.STEM_AS_PRODUCT=False", "--no-bars")
+    runner = FakeRunner(args, [])
+    runner.run_all()
+    assert [c.switches for c in runner.children] == [[["vig_jax.layers", "STEM_AS_PRODUCT", False]]]
+    with pytest.raises(ValueError, match="vig_jax.layers has no attribute 'STEM_AS_PRODUKT'"):
+        br.parse_args(["--set", "vig_jax.layers.STEM_AS_PRODUKT=False"])
+
+
 def test_smoke_run_end_to_end(tmp_path):
     """The real script on CPU: one child compiles ViG-T and DeiT-T (32 px, batch 2, fp32) on two
     threads, times them; a CPU subprocess counts FLOPs; JSON, table and figure."""
     out, png = tmp_path / "smoke.json", tmp_path / "smoke.png"
     cmd = [sys.executable, "-m", "benchmarks.bench_resolution", "--smoke", "--cache-dir", ""]
-    cmd += ["--out", str(out), "--png", str(png)]
+    cmd += ["--out", str(out), "--png", str(png), "--set", "vig_jax.layers.STEM_AS_PRODUCT=False"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -337,6 +346,7 @@ def test_smoke_run_end_to_end(tmp_path):
         assert r["implementation"] == "xla"
         assert r["xla_train_bytes"] > r["state_bytes"] > 0
         assert r["infer_first_call_s"] > 0 and r["train_first_call_s"] > 0
+        assert r["switches"] == {"vig_jax.layers.STEM_AS_PRODUCT": False}
     assert rows["vig_t"]["bigla_default_implementation"] == "xla"  # CPU
     # DeiT-T at 32 px (2x2 patches + class token), from the FLOPs subprocess.
     hand = 2 * deit_macs(192, 12, 32)
