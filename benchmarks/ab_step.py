@@ -5,7 +5,9 @@ A variant is a model plus code switches set while its step is traced::
 
     NAME=MODEL[,MODULE.ATTR=VALUE,...]
 
-for example ``gates=vig_t,vig_jax.bigla.PALLAS_GATES_BY_DEFAULT=True``. Each switch is a
+for example ``gates=vig_t,vig_jax.bigla.PALLAS_GATES_BY_DEFAULT=True``. A part ``xla_NAME=VALUE`` is
+an XLA debug option of that variant's executable alone (``Lowered.compile(compiler_options=)``),
+e.g. ``nocb=vig_t,xla_gpu_enable_command_buffer=`` (no CUDA graphs). Each switch is a
 module-level constant that is read when the model is built or traced (the ``*_BY_DEFAULT``
 constants, policy limits); it is set while the variant is built and lowered on the main thread
 (JAX's trace caches cleared first), then restored, so variants that differ only in switches share
@@ -61,10 +63,12 @@ class Variant:
     name: str
     model: str
     switches: tuple[tuple[str, str, Any], ...] = ()
+    compiler_options: tuple[tuple[str, str], ...] = ()  # XLA debug options of this executable
 
 
 def parse_variant(spec: str) -> Variant:
-    """``NAME=MODEL[,MODULE.ATTR=VALUE,...]`` -> :class:`Variant` (VALUE a Python literal).
+    """``NAME=MODEL[,MODULE.ATTR=VALUE | xla_NAME=VALUE,...]`` -> :class:`Variant` (a switch's
+    VALUE a Python literal, an XLA option's VALUE passed to XLA as written).
 
     Raises ValueError naming the spec when it is malformed or a switch's attribute does not
     exist (a misspelt switch would otherwise time the baseline twice)."""
@@ -72,13 +76,19 @@ def parse_variant(spec: str) -> Variant:
     if not sep or not name or not rest:
         raise ValueError(f"variant {spec!r}; expected NAME=MODEL[,MODULE.ATTR=VALUE,...]")
     model, *parts = rest.split(",")
-    switches = []
+    switches, options = [], []
     for part in parts:
+        if part.startswith("xla_"):  # an XLA option of this variant's executable alone
+            option, sep, value = part.partition("=")
+            if not sep:
+                raise ValueError(f"variant {name!r}: XLA option {part!r}; expected xla_NAME=VALUE")
+            options.append((option, value))
+            continue
         try:
             switches.append(parse_switch(part))
         except ValueError as err:
             raise ValueError(f"variant {name!r}: {err}") from err
-    return Variant(name, model, tuple(switches))
+    return Variant(name, model, tuple(switches), tuple(options))
 
 
 @contextlib.contextmanager
@@ -126,7 +136,8 @@ def lower(variant: Variant, img: int, batch: int, dtype: str) -> _Lowered:
 
 def _compile(item: _Lowered) -> _Lowered:
     t = time.perf_counter()
-    item.compiled = item.lowered.compile()
+    options = dict(item.variant.compiler_options) or None
+    item.compiled = item.lowered.compile(compiler_options=options)
     item.compile_s = time.perf_counter() - t
     print(f"  compiled {item.variant.name} ({item.compile_s:.0f} s)", flush=True)
     return item
@@ -191,6 +202,7 @@ def run(variants: list[Variant], args: argparse.Namespace) -> list[dict[str, Any
                 "name": name,
                 "model": item.variant.model,
                 "switches": [f"{m}.{a}={v!r}" for m, a, v in item.variant.switches],
+                "compiler_options": dict(item.variant.compiler_options),
                 "img": args.img,
                 "batch": args.batch,
                 "dtype": args.dtype,

@@ -19,6 +19,18 @@ def test_parse_variant_reads_model_and_literal_switches():
     )
 
 
+def test_xla_options_are_per_variant_and_reach_the_compiler():
+    v = ab_step.parse_variant(
+        "c=vig_t,xla_gpu_graph_min_graph_size=1,vig_jax.bigla.GATE_NORMALIZER=8.0"
+    )
+    assert v.compiler_options == (("xla_gpu_graph_min_graph_size", "1"),)
+    assert v.switches == (("vig_jax.bigla", "GATE_NORMALIZER", 8.0),)
+    bad = ab_step.parse_variant("d=deit_t,xla_gpu_enable_command_buffer=NOT_A_COMMAND")
+    item = ab_step.lower(bad, 32, 2, "float32")
+    with pytest.raises(Exception, match="NOT_A_COMMAND"):  # XLA parsed it: the option arrived
+        ab_step._compile(item)
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [
