@@ -224,6 +224,36 @@ def run(variants: list[Variant], args: argparse.Namespace) -> list[dict[str, Any
     return rows
 
 
+def winning_switches(
+    rows: list[dict[str, Any]], margin: float = 0.003, loss_tol: float = 0.02
+) -> list[str]:
+    """The switches (``MODULE.ATTR=VALUE``) of every variant that beat its model's baseline.
+
+    A model's baseline is its first variant with neither switches nor XLA options. A variant wins
+    when its median step is more than ``margin`` (a fraction) faster than the baseline's and its
+    final loss is the baseline's within ``loss_tol`` (relative; a kernel that computes something
+    else does not win on speed). The winners' switches are joined, the faster variant's value
+    kept where two set one attribute; XLA options are not switches and are left out.
+    """
+    base = {}
+    for r in rows:
+        if not r["switches"] and not r.get("compiler_options") and r["model"] not in base:
+            base[r["model"]] = r
+    chosen: dict[str, tuple[float, str]] = {}
+    for r in rows:
+        b = base.get(r["model"])
+        if b is None or r is b or not r["switches"]:
+            continue
+        same_loss = abs(r["loss"] - b["loss"]) <= loss_tol * max(abs(b["loss"]), 1.0)
+        if not same_loss or r["train_ms"] >= (1 - margin) * b["train_ms"]:
+            continue
+        for switch in r["switches"]:
+            target = switch.partition("=")[0]
+            if target not in chosen or r["train_ms"] < chosen[target][0]:
+                chosen[target] = (r["train_ms"], switch)
+    return [switch for _, switch in chosen.values()]
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     base = rows[0]
     print(
@@ -253,6 +283,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--compile-workers", type=int, default=8)
     parser.add_argument("--out", default=None, help="JSON file to write")
+    parser.add_argument(
+        "--sets-out",
+        default=None,
+        help="file to write the winners' switches to, as bench_resolution's --set flags",
+    )
+    parser.add_argument("--margin", type=float, default=0.003, help="speed-up a winner needs")
     args = parser.parse_args(argv)
     variants = [parse_variant(s) for s in args.variants]
     names = [v.name for v in variants]
@@ -271,6 +307,10 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.out}")
+    if args.sets_out:
+        winners = winning_switches(rows, args.margin)
+        Path(args.sets_out).write_text("".join(f"--set {w}\n" for w in winners))
+        print(f"winning switches ({args.sets_out}): {winners or 'none'}")
 
 
 if __name__ == "__main__":

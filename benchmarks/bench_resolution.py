@@ -71,9 +71,11 @@ against resolution) with the official code's numbers (vig-reference.md section 1
         vig_norm=vig_t,vig_jax.layers.PALLAS_NORM_BY_DEFAULT=True \
         vig_slope=vig_t,$P.SAVE_SLOPE_MAX_TOKENS=1024,$P.FUSED_SLOPE_BY_DEFAULT=True \
         vig_all=vig_t,vig_jax.bigla.PALLAS_GATES_BY_DEFAULT=True,vig_jax.layers.PALLAS_NORM_BY_DEFAULT=True,$P.SAVE_SLOPE_MAX_TOKENS=1024,$P.FUSED_SLOPE_BY_DEFAULT=True
-    # The bars at all three sizes (last run: ea769b4, 224 / 1024 / 2048 at 0.71x / 1.22x / 2.79x);
-    # ``--set MODULE.ATTR=VALUE`` (repeatable) sets a switch in the measuring child and records it
-    # in every row, so the bars can run with the A/B's winners before their defaults are flipped:
+    # (add ``--sets-out $OUT/sets.txt``: the winners' switches, those faster than their model's
+    # baseline by > 0.3 % with the same loss, as ``--set`` flags.) The bars at all three sizes
+    # (last run: ea769b4, 224 / 1024 / 2048 at 0.71x / 1.22x / 2.79x); ``--set MODULE.ATTR=VALUE``
+    # (repeatable; ``$(cat $OUT/sets.txt)``) sets a switch in the measuring child and records it
+    # in every row, so the bars can run with the A/B's winners in the same device call:
     python3 -m benchmarks.bench_resolution --models vig_t,deit_t --resolutions 224,1024,2048 \
         --dtypes bfloat16 --no-flops --max-seconds 400 --out $OUT/resolution_bars.json
     # then the rest (ViG-S / DeiT-S past 224 px, fp32), continuing a committed JSON:

@@ -89,3 +89,35 @@ def test_run_times_every_variant_from_one_initial_state():
         assert row["train_ms"] > 0 and row["train_img_s"] == pytest.approx(2e3 / row["train_ms"])
         assert row["kernel_ms"] is None  # no CUPTI off the GPU
     assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-3)
+
+
+def _row(name, model, ms, loss=6.0, switches=(), options=None):
+    return {
+        "name": name,
+        "model": model,
+        "train_ms": ms,
+        "loss": loss,
+        "switches": list(switches),
+        "compiler_options": options or {},
+    }
+
+
+def test_winning_switches_need_speed_and_the_same_loss():
+    rows = [
+        _row("deit", "deit_t", 12.0),
+        _row("deit_prod", "deit_t", 11.9, switches=["vig_jax.deit.PATCH_EMBED_AS_PRODUCT=True"]),
+        _row("vig", "vig_t", 17.0),
+        _row("fast_but_wrong", "vig_t", 15.0, loss=7.0, switches=["m.WRONG=True"]),
+        _row("noise", "vig_t", 16.98, switches=["m.NOISE=True"]),  # 0.1 %: below the margin
+        _row("gates", "vig_t", 16.0, switches=["m.GATES=True"]),
+        _row("all", "vig_t", 15.5, switches=["m.GATES=True", "m.NORM=True"]),
+        _row("nocb", "vig_t", 14.0, options={"xla_gpu_enable_command_buffer": ""}),
+    ]
+    assert ab_step.winning_switches(rows) == [
+        "vig_jax.deit.PATCH_EMBED_AS_PRODUCT=True",
+        "m.GATES=True",
+        "m.NORM=True",
+    ]
+    assert ab_step.winning_switches(rows[:3]) == ["vig_jax.deit.PATCH_EMBED_AS_PRODUCT=True"]
+    slower = [_row("vig", "vig_t", 17.0), _row("slope", "vig_t", 17.2, switches=["m.S=1"])]
+    assert ab_step.winning_switches(slower) == []
