@@ -52,32 +52,34 @@ are written to ``--out`` as they arrive; ``--max-seconds`` bounds the sweep; ``-
 units already measured. Prints a table and draws three panels (throughput, memory, FLOPs
 against resolution) with the official code's numbers (vig-reference.md section 13) marked.
 
-    # NEXT SESSION (H100), one `run` call, timeout_s=600 (give --max-seconds >= 200: the
-    # deadline skips a chunk it cannot compile and time; keep few files under $OUT, a run with
-    # many lost its JSON). Off by default until timed on a GPU: the Pallas gate and RMSNorm
-    # kernels (PALLAS_GATES_BY_DEFAULT, PALLAS_NORM_BY_DEFAULT), the depthwise conv's SiLU slope
-    # options (pallas_kernels.dwconv.SAVE_SLOPE_MAX_TOKENS / FUSED_SLOPE_BY_DEFAULT); on but
-    # never timed: ViG's stem product (vig_jax.layers.STEM_AS_PRODUCT); DeiT's patch product
-    # (vig_jax.deit.PATCH_EMBED_AS_PRODUCT) is a candidate for a faster baseline. First the GPU
-    # tests, then every switch against the default in one process (benchmarks/ab_step.py: the
-    # bars' step, compiled together, timed in rotation; ea769b4, all off: 0.71x); flip the
-    # switches that win, then the bars:
+    # NEXT SESSION (H100): one `run` call, timeout_s=580 (machine starts were refused for two
+    # sessions; each refusal costs ~90 s of the 1800 s, so make the first call do everything).
+    # Off by default until timed on a GPU: the Pallas gate and RMSNorm kernels
+    # (PALLAS_GATES_BY_DEFAULT, PALLAS_NORM_BY_DEFAULT), the depthwise conv's SiLU slope options
+    # (pallas_kernels.dwconv.SAVE_SLOPE_MAX_TOKENS / FUSED_SLOPE_BY_DEFAULT); on but never timed:
+    # ViG's stem product (vig_jax.layers.STEM_AS_PRODUCT); DeiT's patch product
+    # (vig_jax.deit.PATCH_EMBED_AS_PRODUCT) is a candidate for a faster baseline. The GPU tests
+    # (~60 s), every switch against the default in one process (benchmarks/ab_step.py: the
+    # bars' step, compiled together, timed in rotation; ~200 s for 8 variants, estimated;
+    # ``--sets-out``: the winners, faster than their model's baseline by > 0.3 % with the same
+    # loss, as ``--set`` flags), then the bars with the winners set in the measuring child
+    # (recorded in every row; last run ea769b4, all off: 224 / 1024 / 2048 at 0.71x / 1.22x /
+    # 2.79x). Flip the defaults of the winners afterwards, in a commit that cites the JSON.
     python3 -m pytest -q tests/test_gates_kernel.py tests/test_rms_norm_kernel.py \
         tests/test_dwconv_kernel.py
-    P=pallas_kernels.dwconv; python3 -m benchmarks.ab_step --out $OUT/ab.json deit=deit_t \
+    G=vig_jax.bigla.PALLAS_GATES_BY_DEFAULT=True; N=vig_jax.layers.PALLAS_NORM_BY_DEFAULT=True
+    P=pallas_kernels.dwconv; S=$P.SAVE_SLOPE_MAX_TOKENS=1024,$P.FUSED_SLOPE_BY_DEFAULT=True
+    python3 -m benchmarks.ab_step --rounds 2 --compile-workers 12 --out $OUT/ab.json \
+        --sets-out $OUT/sets.txt deit=deit_t \
         deit_prod=deit_t,vig_jax.deit.PATCH_EMBED_AS_PRODUCT=True vig=vig_t \
-        vig_cudnn_stem=vig_t,vig_jax.layers.STEM_AS_PRODUCT=False \
-        vig_gates=vig_t,vig_jax.bigla.PALLAS_GATES_BY_DEFAULT=True \
-        vig_norm=vig_t,vig_jax.layers.PALLAS_NORM_BY_DEFAULT=True \
-        vig_slope=vig_t,$P.SAVE_SLOPE_MAX_TOKENS=1024,$P.FUSED_SLOPE_BY_DEFAULT=True \
-        vig_all=vig_t,vig_jax.bigla.PALLAS_GATES_BY_DEFAULT=True,vig_jax.layers.PALLAS_NORM_BY_DEFAULT=True,$P.SAVE_SLOPE_MAX_TOKENS=1024,$P.FUSED_SLOPE_BY_DEFAULT=True
-    # (add ``--sets-out $OUT/sets.txt``: the winners' switches, those faster than their model's
-    # baseline by > 0.3 % with the same loss, as ``--set`` flags.) The bars at all three sizes
-    # (last run: ea769b4, 224 / 1024 / 2048 at 0.71x / 1.22x / 2.79x); ``--set MODULE.ATTR=VALUE``
-    # (repeatable; ``$(cat $OUT/sets.txt)``) sets a switch in the measuring child and records it
-    # in every row, so the bars can run with the A/B's winners in the same device call:
+        vig_cudnn_stem=vig_t,vig_jax.layers.STEM_AS_PRODUCT=False vig_gates=vig_t,$G \
+        vig_norm=vig_t,$N vig_slope=vig_t,$S vig_all=vig_t,$G,$N,$S
+    # (drop a variant whose kernel failed its GPU test; a variant
+    # ``vig_nocb=vig_t,xla_gpu_enable_command_buffer=`` would time the step without CUDA
+    # graphs, for the ~2.2 ms between step and kernel sum)
     python3 -m benchmarks.bench_resolution --models vig_t,deit_t --resolutions 224,1024,2048 \
-        --dtypes bfloat16 --no-flops --max-seconds 400 --out $OUT/resolution_bars.json
+        --dtypes bfloat16 --no-flops --max-seconds 300 $(cat $OUT/sets.txt) \
+        --out $OUT/resolution_bars.json
     # then the rest (ViG-S / DeiT-S past 224 px, fp32), continuing a committed JSON:
     cp benchmarks/results/resolution_bars_h100_006b448.json $OUT/r.json && PYTHONUNBUFFERED=1 \
         python3 -m benchmarks.bench_resolution --resume --no-flops --max-seconds 535 \
