@@ -1262,7 +1262,7 @@ class Runner:
             output_impl=args.output_impl,
             gate_impl=args.gate_impl,
             norm_impl=args.norm_impl,
-            switches=[list(parse_switch(spec)) for spec in args.set],
+            switches=args.switches,
             warmup=args.warmup,
             max_steps=args.steps,
             min_steps=min(3, args.steps),
@@ -1818,8 +1818,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.no_bars = True
         args.warmup, args.steps, args.measure_seconds = 1, 2, 0.0
         args.compile_workers = 2
-    for spec in args.set:
-        parse_switch(spec)  # a bad switch fails here, not in the child
+    # Parsed once, here: a bad switch fails before any child starts.
+    args.switches = [list(parse_switch(spec)) for spec in args.set]
     if args.max_batch not in BATCH_CANDIDATES:
         raise ValueError(f"--max-batch {args.max_batch}; expected one of {BATCH_CANDIDATES}")
     return args
