@@ -116,19 +116,26 @@ class _Lowered:
     compile_s: float = 0.0
 
 
-def lower(variant: Variant, img: int, batch: int, dtype: str) -> _Lowered:
+def lower(variant: Variant, img: int, batch: int, dtype: str, device=None) -> _Lowered:
     """Builds ``variant``'s model and lowers its train step (abstract shapes) under its
     switches; the switches are restored on return.
 
     JAX's trace caches are cleared first: a traced function that reads a switch (under
-    ``jax.checkpoint`` or a custom VJP) would otherwise be reused from an earlier variant."""
+    ``jax.checkpoint`` or a custom VJP) would otherwise be reused from an earlier variant.
+    ``device``: lower for this device (e.g. a compile-only one, ``benchmarks/static_step.py``)
+    instead of the default."""
     jax.clear_caches()
-    with switched(variant.switches):
+    placed = contextlib.nullcontext() if device is None else jax.default_device(device)
+    sharding = None if device is None else jax.sharding.SingleDeviceSharding(device)
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    with switched(variant.switches), placed:
         m = _Model(variant.model, img, dtype)
         graphdef_train, _, params, rest = m.graphdefs()
         state = (params, jax.eval_shape(m.tx.init, params), rest)
-        images = jax.ShapeDtypeStruct((batch, img, img, 3), jnp.float32)
-        labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+        if device is not None:
+            state = jax.tree.map(lambda a: spec(a.shape, a.dtype), state)
+        images = spec((batch, img, img, 3), jnp.float32)
+        labels = spec((batch,), jnp.int32)
         step = jax.jit(m.train_step_fn(graphdef_train), donate_argnums=0)
         lowered = step.lower(state, images, labels)
     return _Lowered(variant, m, lowered, params)

@@ -10,7 +10,8 @@ Everything here is channel-last (NHWC / ``[..., C]``) and follows the official P
   :func:`vig_jax.fused.rms_norm`'s) and :func:`layer_norm` (``nn.LayerNorm`` /
   ``LayerNorm2d`` over channels, eps 1e-5);
 * :class:`SwiGLU` (ViG's ``GLAMLP``) and :class:`GatedMlp` (ViG-H's ``gMlp``), both with the
-  down projection's input recomputed in the backward pass;
+  down projection's input recomputed in the backward pass (or kept, for short sequences:
+  ``SWIGLU_KEEP_MAX_TOKENS``);
 * :class:`DropPath`: per-sample stochastic depth (timm's ``DropPath``) on an ``nnx.Rngs``
   stream named ``"dropout"``;
 * PyTorch-equivalent initialisers (``xavier_uniform_``, default ``Conv2d`` init, timm's
@@ -348,9 +349,23 @@ def _swiglu_down(h: jax.Array, w_out: nnx.Linear) -> jax.Array:
     return w_out(fused.swiglu(h))
 
 
+# Images of at most this many tokens keep ``swiglu(h)`` from the forward pass for the down
+# projection's weight gradient; longer ones recompute it in the backward pass (0: always). The
+# compile of ViG-T's training step for an H100 (224 px, batch 128, bf16;
+# ``benchmarks/static_step.py``, no GPU) shows what keeping it saves: the recomputation, one
+# elementwise pass per block reading h and writing swiglu(h) (12 passes, 0.93 GB); it costs
+# their size in memory (25 MB per block there). Off until timed on a GPU.
+SWIGLU_KEEP_MAX_TOKENS = 0
+
+
 def _swiglu(x: jax.Array, w_in: nnx.Linear, w_out: nnx.Linear) -> jax.Array:
-    """``w_out(silu(gate) * value)`` with ``gate, value = w_in(x).chunk(2)`` (gate first)."""
-    return nnx.remat(_swiglu_down)(w_in(x), w_out)
+    """``w_out(silu(gate) * value)`` with ``gate, value = w_in(x).chunk(2)`` (gate first).
+
+    ``x`` [B, ..., dim]: the axes between the first and the last are an image's tokens, whose
+    count picks between keeping and recomputing ``swiglu(h)`` (``SWIGLU_KEEP_MAX_TOKENS``)."""
+    tokens = math.prod(x.shape[1:-1])
+    down = _swiglu_down if tokens <= SWIGLU_KEEP_MAX_TOKENS else nnx.remat(_swiglu_down)
+    return down(w_in(x), w_out)
 
 
 class SwiGLU(nnx.Module):

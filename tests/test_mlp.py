@@ -1,0 +1,36 @@
+"""SwiGLU / GatedMlp: keeping swiglu(h) for the backward pass or recomputing it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from vig_jax import layers
+
+
+def _sigmoids_in_grad(mlp, x) -> int:
+    """``logistic`` ops in the jaxpr of the MLP's gradient: the SiLU's forward (once more when
+    swiglu(h) is recomputed for the backward pass) and its derivative."""
+    graphdef, state = nnx.split(mlp)
+    loss = lambda s: jnp.sum(jnp.sin(nnx.merge(graphdef, s)(x)))
+    return str(jax.make_jaxpr(jax.grad(loss))(state)).count("= logistic")
+
+
+@pytest.mark.parametrize("cls", [layers.SwiGLU, layers.GatedMlp])
+def test_keep_limit_picks_remat_by_tokens_and_keeps_values(monkeypatch, cls):
+    mlp = cls(32, 64, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 4, 32))  # 12 tokens per image
+    loss = lambda m: jnp.sum(jnp.sin(m(x)))
+    seen = {}
+    for limit in (0, 11, 12):
+        monkeypatch.setattr(layers, "SWIGLU_KEEP_MAX_TOKENS", limit)
+        seen[limit] = _sigmoids_in_grad(mlp, x)
+        if limit == 12:
+            kept = nnx.value_and_grad(loss)(mlp)
+    assert seen[0] == seen[11] == seen[12] + 1, seen  # recomputed below 12 tokens, kept at 12
+    monkeypatch.setattr(layers, "SWIGLU_KEEP_MAX_TOKENS", 0)
+    recomputed = nnx.value_and_grad(loss)(mlp)
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(recomputed), strict=True):
+        assert jnp.allclose(a, b, rtol=1e-6, atol=1e-7)
