@@ -56,7 +56,8 @@ against resolution) with the official code's numbers (vig-reference.md section 1
     # sessions; each refusal costs ~90 s of the 1800 s, so make the first call do everything).
     # Off by default until timed on a GPU: the Pallas gate and RMSNorm kernels
     # (PALLAS_GATES_BY_DEFAULT, PALLAS_NORM_BY_DEFAULT), the depthwise conv's SiLU slope options
-    # (pallas_kernels.dwconv.SAVE_SLOPE_MAX_TOKENS / FUSED_SLOPE_BY_DEFAULT); on but never timed:
+    # (pallas_kernels.dwconv.SAVE_SLOPE_MAX_TOKENS / FUSED_SLOPE_BY_DEFAULT), SwiGLU keeping
+    # its output for short sequences (vig_jax.layers.SWIGLU_KEEP_MAX_TOKENS); on but never timed:
     # ViG's stem product (vig_jax.layers.STEM_AS_PRODUCT); DeiT's patch product
     # (vig_jax.deit.PATCH_EMBED_AS_PRODUCT) is a candidate for a faster baseline. The GPU tests
     # (~60 s), every switch against the default in one process (benchmarks/ab_step.py: the
@@ -69,11 +70,14 @@ against resolution) with the official code's numbers (vig-reference.md section 1
         tests/test_dwconv_kernel.py
     G=vig_jax.bigla.PALLAS_GATES_BY_DEFAULT=True; N=vig_jax.layers.PALLAS_NORM_BY_DEFAULT=True
     P=pallas_kernels.dwconv; S=$P.SAVE_SLOPE_MAX_TOKENS=1024,$P.FUSED_SLOPE_BY_DEFAULT=True
+    K=vig_jax.layers.SWIGLU_KEEP_MAX_TOKENS=1024
     python3 -m benchmarks.ab_step --rounds 2 --compile-workers 12 --out $OUT/ab.json \
-        --sets-out $OUT/sets.txt deit=deit_t \
-        deit_prod=deit_t,vig_jax.deit.PATCH_EMBED_AS_PRODUCT=True vig=vig_t \
+        --sets-out $OUT/sets.txt deit=deit_t vig=vig_t \
         vig_cudnn_stem=vig_t,vig_jax.layers.STEM_AS_PRODUCT=False vig_gates=vig_t,$G \
-        vig_norm=vig_t,$N vig_slope=vig_t,$S vig_all=vig_t,$G,$N,$S
+        vig_norm=vig_t,$N vig_slope=vig_t,$S vig_keep=vig_t,$K vig_all=vig_t,$G,$N,$S,$K
+    # (static estimate without a GPU, benchmarks/static_step.py at 7cfc316: HBM bytes of the
+    # step 29.9 GB, gates -2.1, keep -0.9, slope -0.1, norm +0.2, DeiT-T 18.9; DeiT's patch
+    # product +3.6 GB, so it is no longer among the variants)
     # (drop a variant whose kernel failed its GPU test; a variant
     # ``vig_nocb=vig_t,xla_gpu_enable_command_buffer=`` would time the step without CUDA
     # graphs, for the ~2.2 ms between step and kernel sum)
