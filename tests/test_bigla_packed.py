@@ -51,6 +51,7 @@ def _packed_vjp(arrays, shape, dtype, **kwargs):
         ((2, 61, 3, 32, 64), {}),  # ViG's layout: Dv = 2 Dk, values start on a Dv boundary
         ((1, 197, 2, 16, 16), {"segments": 2}),  # Dv = Dk
         ((1, 150, 2, 32, 64), {"save_states": False, "bwd_chunk": 32}),  # recomputed states
+        ((2, 61, 3, 32, 64), {"merge_backward": True}),  # one backward chunk kernel
     ],
     ids=str,
 )

@@ -46,6 +46,12 @@ CASES = [  # (B, N, H, Dk, Dv), gates, Config kwargs
     ((2, 200, 1, 32, 64), "mixed", {"diag": "split", "chunk": 32}),  # split and loop chunks
     ((1, 150, 2, 16, 32), "mixed", {"diag": "split", "chunk": 32, "save_scores": False}),
     ((1, 197, 1, 64, 128), "flat", {"diag": "split", "chunk": 64, "save_states": False}),
+    # one backward kernel (merge_backward): split and loop chunks, with and without the
+    # forward's scores and carries, segments
+    ((2, 200, 1, 32, 64), "mixed", {"chunk": 32, "merge_backward": True}),
+    ((1, 197, 2, 32, 64), "cliff", {"merge_backward": True}),
+    ((1, 150, 2, 16, 32), "mixed", {"chunk": 32, "save_scores": False, "merge_backward": True}),
+    ((1, 300, 1, 32, 64), "steep", {"segments": 3, "save_states": False, "merge_backward": True}),
 ]
 
 
@@ -84,6 +90,7 @@ def _fp32_tolerance(gates: str) -> float:
         ((2, 197, 1, 32, 64), {"diag": "split"}),
         ((1, 128, 2, 32, 64), {"diag": "split", "gates": "edge"}),
         ((1, 300, 3, 32, 64), {"diag": "split", "chunk": 32, "segments": 2}),
+        ((2, 197, 3, 32, 64), {"merge_backward": True}),
     ],
 )
 def test_bf16_forward_and_gradients_match_float64_reference(shape, config):
@@ -132,6 +139,8 @@ def _cuda_lowering_text(shape, dtype, config):
         (jnp.bfloat16, triton.Config(segments=3, state_passes=1), 7),
         (jnp.bfloat16, triton.Config(diag="split"), 9),
         (jnp.float32, triton.Config(diag="split", chunk=32, save_scores=False), 9),
+        (jnp.bfloat16, triton.Config(merge_backward=True), 8),
+        (jnp.float32, triton.Config(merge_backward=True, save_scores=False, segments=1), 4),
     ],
     ids=[
         "fp32",
@@ -142,6 +151,8 @@ def _cuda_lowering_text(shape, dtype, config):
         "bf16-one-pass-states",
         "bf16-split",
         "fp32-split-no-scores",
+        "bf16-merged-backward",
+        "fp32-merged-backward",
     ],
 )
 def test_forward_and_backward_lower_to_triton_for_cuda(dtype, config, calls):
@@ -240,3 +251,15 @@ def test_default_keeps_state_carries_only_for_short_sequences(n, kept):
     scores = [s for s in shapes if len(s) == 5 and s[-2:] == (16, 16)]
     assert len(carries) == (2 if kept else 0), shapes
     assert len(scores) == 1, shapes
+
+
+def test_merged_backward_warps_come_from_config_then_module(monkeypatch):
+    merged = lambda **kw: triton._merged_warps(triton.Config(**kw).backward())
+    monkeypatch.setattr(triton, "MERGED_BACKWARD_WARPS", 4)
+    assert merged() == 4
+    assert merged(merged_warps=8) == 8
+    monkeypatch.setattr(triton, "MERGED_BACKWARD_WARPS", None)
+    assert merged(num_warps=2) == 2
+    assert merged(num_warps=2, bwd_warps=1) == 1
+    with pytest.raises(ValueError, match="merged_warps=3"):
+        triton.Config(merged_warps=3)

@@ -85,6 +85,16 @@ FP32_SPLIT_MAX_CHUNK = 16
 # batch 8 planned 3,614 MiB with the carries kept against DeiT-T's 3,543 (H100, ec4f0db), of
 # which the carries are 576 MiB by their shapes.
 SAVE_STATES_MAX_TOKENS = 1024
+# Config.merge_backward=None: one backward chunk kernel instead of two (tested in interpret mode
+# and for the CUDA lowering, not yet run on a GPU). ViG-T's training step (224 px, batch 128,
+# bf16) compiled for an H100 on the CPU (benchmarks/static_step.py) moves 1.9 GB less HBM per
+# step with it (26.8 -> 24.9 GB with the other candidate switches on). Off until timed.
+MERGE_BACKWARD_BY_DEFAULT = False
+# Warps of the merged kernel (None: the backward's num_warps). Static Triton 3.6 / sm_90 stats
+# at (128, 3, 196, 32, 64) bf16 (benchmarks/kernel_stats.py): 2 warps 255 registers, 20 B
+# spilled, 8 warps per SM; 4 warps 168 registers, no spill, 12 warps per SM (the separate dkv
+# kernel: 255 registers, 8 warps per SM).
+MERGED_BACKWARD_WARPS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +137,12 @@ class Config:
         products of operands rescaled by exp of gate sums from the chunk's start (a chunk whose
         gates sum below ``-SPLIT_LIMIT`` takes the "loop" path instead); "loop": products across
         16-row sub-chunks, exact elementwise products within them, one row per step.
+      merge_backward: run the two backward chunk kernels' bodies in one program
+        (``bigla_backward``: the dq body leaves q * dq in the gate-gradient outputs, a barrier,
+        then the dkv body reads them back), so that a chunk's inputs and carries are read from
+        HBM once and q * dq is never written there; None: ``MERGE_BACKWARD_BY_DEFAULT``.
+      merged_warps: warps of that kernel; None: ``MERGED_BACKWARD_WARPS`` (None there: the
+        backward's ``num_warps``).
     """
 
     chunk: int = 16
@@ -146,6 +162,8 @@ class Config:
     unroll_rows: bool = False
     state_passes: int = 2
     diag: str = "split"
+    merge_backward: bool | None = None
+    merged_warps: int | None = None
 
     def __post_init__(self):
         if self.fp32_dots not in ("tf32x3", "ieee"):
@@ -160,7 +178,7 @@ class Config:
             raise ValueError(f"diag={self.diag!r}; expected 'split' or 'loop'")
         if self.segments is not None and self.segments < 1:
             raise ValueError(f"segments={self.segments}; expected None or >= 1")
-        for name in ("num_warps", "state_warps", "bwd_warps"):
+        for name in ("num_warps", "state_warps", "bwd_warps", "merged_warps"):
             warps = getattr(self, name)
             if warps is not None and (warps < 1 or warps & (warps - 1)):
                 raise ValueError(f"{name}={warps}; expected a power of two >= 1")
@@ -900,6 +918,29 @@ def _backward_dkv_kernel(
     _store_chunk_rows(dgb_ref, c, dims, dgb)
 
 
+def _backward_merged_kernel(
+    q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims: _Dims, scores: bool,
+    barrier: bool, c, split: bool,
+):  # fmt: skip
+    """All five gradients of one chunk's rows (``Config.merge_backward``): the dq kernel's
+    body, which stores q * dq per direction into the gate-gradient outputs, then (after a
+    barrier: other threads of the program read those rows) the dkv kernel's body, which reads
+    them back and overwrites them with the gate gradients. Refs after ``do``: the scores (with
+    ``scores``), the four carries, then dq, dk, dv, dgf, dgb."""
+    a_refs, refs = (refs[:1], refs[1:]) if scores else ((), refs)
+    carries, (dq_ref, dk_ref, dv_ref, dgf_ref, dgb_ref) = refs[:4], refs[4:]
+    inputs = (q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref)
+    _backward_dq_kernel(
+        *inputs, *carries[:2], dq_ref, dgf_ref, dgb_ref, dims=dims, c=c, split=split
+    )
+    if barrier:
+        plt.debug_barrier()
+    _backward_dkv_kernel(
+        *inputs, dgf_ref, dgb_ref, *a_refs, *carries, dk_ref, dv_ref, dgf_ref, dgb_ref,
+        dims=dims, scores=scores, c=c, split=split,
+    )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------
 # pallas_call wrappers
 # ----------------------------------------------------------------------------------------------
@@ -1053,6 +1094,14 @@ def _forward(q, k, v, gf, gb, dims: _Dims, config: Config, interpret: bool, scor
     return outs[0], carries, (outs[1] if scores else None)
 
 
+def _merged_warps(config: Config) -> int:
+    """Warps of the merged backward kernel: the config's, the module's, or the backward's."""
+    for warps in (config.merged_warps, MERGED_BACKWARD_WARPS):
+        if warps is not None:
+            return warps
+    return config.num_warps
+
+
 def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool, saved=None):
     """The five gradients.
 
@@ -1071,6 +1120,23 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool,
     seq_specs = _input_specs(args, dims)
     key_shape = (b, dims.n, h, dims.dk)  # of each gradient, also when the inputs are packed
     per_key = lambda dtype: jax.ShapeDtypeStruct(key_shape, dtype)
+    dv_shape = jax.ShapeDtypeStruct((b, dims.n, h, dims.dv), v.dtype)
+    merge = MERGE_BACKWARD_BY_DEFAULT if config.merge_backward is None else config.merge_backward
+    if merge:
+        kernel = functools.partial(
+            _backward_merged_kernel, dims=dims, scores=scores is not None, barrier=not interpret
+        )
+        dq, dk, dv, dgf, dgb = pl.pallas_call(
+            _chunk_kernel(kernel, dims),
+            out_shape=[per_key(q.dtype), per_key(k.dtype), dv_shape] + [per_key(jnp.float32)] * 2,
+            grid=(b, h, dims.nc),
+            in_specs=seq_specs + score_specs + _carry_specs(carries, dims),
+            out_specs=[_seq_spec(dims, d) for d in (dims.dk, dims.dk, dims.dv, dims.dk, dims.dk)],
+            compiler_params=_params(_merged_warps(config), config.num_stages),
+            interpret=interpret,
+            name="bigla_backward",
+        )(*args, *score_args, *carries)
+        return dq, dk, dv, dgf.astype(gf.dtype), dgb.astype(gb.dtype)
     dq, qdq_f, qdq_b = pl.pallas_call(
         _chunk_kernel(functools.partial(_backward_dq_kernel, dims=dims), dims),
         out_shape=[per_key(q.dtype), per_key(jnp.float32), per_key(jnp.float32)],
@@ -1086,12 +1152,7 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool,
         _chunk_kernel(
             functools.partial(_backward_dkv_kernel, dims=dims, scores=scores is not None), dims
         ),
-        out_shape=[
-            per_key(k.dtype),
-            jax.ShapeDtypeStruct((b, dims.n, h, dims.dv), v.dtype),
-            per_key(jnp.float32),
-            per_key(jnp.float32),
-        ],
+        out_shape=[per_key(k.dtype), dv_shape, per_key(jnp.float32), per_key(jnp.float32)],
         grid=(b, h, dims.nc),
         in_specs=seq_specs
         + [_seq_spec(dims, dims.dk)] * 2
