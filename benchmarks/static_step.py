@@ -103,7 +103,7 @@ _ARRAY = re.compile(r"\b(" + "|".join(_ITEMSIZE) + r")\[([0-9,]*)\]")
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9-]*)\((.*)$")
 _COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) .*\{$")
 # Pallas kernels are named by their function; these prefixes are ours.
-_KERNEL_NAME = re.compile(r"\b((?:bigla|dwconv|gated_norm|log_gates|rms_norm)_\w*)")
+_KERNEL_NAME = re.compile(r"\b((?:bigla|dwconv|gated_norm|log_gates|rms_norm|swiglu)_\w*)")
 
 
 def type_bytes(hlo_type: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -34,3 +35,35 @@ def test_keep_limit_picks_remat_by_tokens_and_keeps_values(monkeypatch, cls):
     recomputed = nnx.value_and_grad(loss)(mlp)
     for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(recomputed), strict=True):
         assert jnp.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls", [layers.SwiGLU, layers.GatedMlp])
+def test_pallas_form_keeps_values_and_gradients(monkeypatch, cls):
+    """The Pallas kernels (interpret mode here) against the XLA form, bf16 compute."""
+    mlp = cls(64, 96, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 7, 64))
+    loss = lambda m: jnp.sum(jnp.sin(m(x).astype(jnp.float32)))
+    results = {}
+    for implementation in ("xla", "pallas"):
+        monkeypatch.setattr(layers, "default_swiglu_implementation", lambda *a, i=implementation: i)
+        results[implementation] = nnx.value_and_grad(loss)(mlp)
+    (v_xla, g_xla), (v_pallas, g_pallas) = results["xla"], results["pallas"]
+    np.testing.assert_allclose(v_pallas, v_xla, rtol=2e-3)
+    for a, b in zip(jax.tree.leaves(g_pallas), jax.tree.leaves(g_xla), strict=True):
+        assert a.dtype == b.dtype == jnp.float32
+        assert np.linalg.norm(a - b) <= 5e-3 * np.linalg.norm(b)
+
+
+def test_pallas_form_only_where_it_applies(monkeypatch):
+    monkeypatch.setattr(layers, "PALLAS_SWIGLU_BY_DEFAULT", True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    pick = lambda dtype, hidden=96: layers.default_swiglu_implementation(
+        *(lambda m: (m.gate_proj, m.down_proj))(
+            layers.SwiGLU(64, hidden, dtype=dtype, rngs=nnx.Rngs(0))
+        )
+    )
+    assert pick(jnp.bfloat16) == "pallas"
+    assert pick(jnp.float32) == "xla"  # fp32 products stay XLA's
+    assert pick(jnp.bfloat16, hidden=100) == "xla"  # F = 100 does not tile
+    monkeypatch.setattr(layers, "PALLAS_SWIGLU_BY_DEFAULT", False)
+    assert pick(jnp.bfloat16) == "xla"

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels import rms_norm as pallas_rms_norm
+from pallas_kernels import swiglu as pallas_swiglu
 from vig_jax import fused
 
 Dtype = jnp.dtype | type
@@ -358,11 +359,38 @@ def _swiglu_down(h: jax.Array, w_out: nnx.Linear) -> jax.Array:
 SWIGLU_KEEP_MAX_TOKENS = 0
 
 
+# The MLP's products with the SwiGLU inside them (pallas_kernels.swiglu: one kernel for the first
+# product and the SwiGLU, one for the second product's input gradient and the SwiGLU's) on a GPU
+# in bf16 / fp16. Tested in interpret mode and for the CUDA lowering, not yet run on a GPU; off
+# until timed there.
+PALLAS_SWIGLU_BY_DEFAULT = False
+
+
+def default_swiglu_implementation(w_in: nnx.Linear, w_out: nnx.Linear) -> str:
+    """``"pallas"`` where ``PALLAS_SWIGLU_BY_DEFAULT`` is set, on a GPU, for bias-free
+    projections computing in bf16 / fp16 with sizes :func:`pallas_kernels.swiglu.supports`;
+    else ``"xla"``."""
+    usable = (
+        jax.default_backend() == "gpu"
+        and w_in.dtype in pallas_swiglu.LOW_PRECISION
+        and w_out.dtype == w_in.dtype
+        and w_in.bias is None
+        and w_out.bias is None
+        and pallas_swiglu.supports(w_in.in_features, w_out.in_features, w_out.out_features)
+    )
+    return "pallas" if PALLAS_SWIGLU_BY_DEFAULT and usable else "xla"
+
+
 def _swiglu(x: jax.Array, w_in: nnx.Linear, w_out: nnx.Linear) -> jax.Array:
     """``w_out(silu(gate) * value)`` with ``gate, value = w_in(x).chunk(2)`` (gate first).
 
     ``x`` [B, ..., dim]: the axes between the first and the last are an image's tokens, whose
-    count picks between keeping and recomputing ``swiglu(h)`` (``SWIGLU_KEEP_MAX_TOKENS``)."""
+    count picks between keeping and recomputing ``swiglu(h)`` (``SWIGLU_KEEP_MAX_TOKENS``; the
+    Pallas form always keeps it)."""
+    if default_swiglu_implementation(w_in, w_out) == "pallas":
+        dtype = w_in.dtype
+        kernels = (w.kernel[...].astype(dtype) for w in (w_in, w_out))
+        return pallas_swiglu.swiglu_mlp(x.astype(dtype), *kernels)
     tokens = math.prod(x.shape[1:-1])
     down = _swiglu_down if tokens <= SWIGLU_KEEP_MAX_TOKENS else nnx.remat(_swiglu_down)
     return down(w_in(x), w_out)
