@@ -59,7 +59,8 @@ against resolution) with the official code's numbers (vig-reference.md section 1
     # (pallas_kernels.dwconv.SAVE_SLOPE_MAX_TOKENS / FUSED_SLOPE_BY_DEFAULT), SwiGLU keeping
     # its output for short sequences (vig_jax.layers.SWIGLU_KEEP_MAX_TOKENS), BiGLA's merged
     # backward kernel (pallas_kernels.bigla.triton.MERGE_BACKWARD_BY_DEFAULT, its warps
-    # MERGED_BACKWARD_WARPS); on but never timed:
+    # MERGED_BACKWARD_WARPS), the SwiGLU kernels (vig_jax.layers.PALLAS_SWIGLU_BY_DEFAULT);
+    # on but never timed:
     # ViG's stem product (vig_jax.layers.STEM_AS_PRODUCT). The GPU tests
     # (~60 s), every switch against the default in one process (benchmarks/ab_step.py: the
     # bars' step, compiled together, timed in rotation; ~200 s for 8 variants, estimated;
@@ -70,19 +71,22 @@ against resolution) with the official code's numbers (vig-reference.md section 1
     python3 -m pytest -q tests/test_gates_kernel.py tests/test_rms_norm_kernel.py \
         tests/test_dwconv_kernel.py
     python3 -m pytest -q tests/test_bigla_triton.py tests/test_bigla_packed.py -k merge
+    python3 -m pytest -q tests/test_swiglu_kernel.py
     G=vig_jax.bigla.PALLAS_GATES_BY_DEFAULT=True; N=vig_jax.layers.PALLAS_NORM_BY_DEFAULT=True
     P=pallas_kernels.dwconv; S=$P.SAVE_SLOPE_MAX_TOKENS=1024,$P.FUSED_SLOPE_BY_DEFAULT=True
     K=vig_jax.layers.SWIGLU_KEEP_MAX_TOKENS=1024
     M=pallas_kernels.bigla.triton.MERGE_BACKWARD_BY_DEFAULT=True
+    W=vig_jax.layers.PALLAS_SWIGLU_BY_DEFAULT=True
     python3 -m benchmarks.ab_step --rounds 2 --compile-workers 12 --out $OUT/ab.json \
         --sets-out $OUT/sets.txt deit=deit_t vig=vig_t \
         vig_cudnn_stem=vig_t,vig_jax.layers.STEM_AS_PRODUCT=False vig_gates=vig_t,$G \
         vig_norm=vig_t,$N vig_slope=vig_t,$S vig_keep=vig_t,$K vig_merge=vig_t,$M \
         vig_merge2=vig_t,$M,pallas_kernels.bigla.triton.MERGED_BACKWARD_WARPS=2 \
-        vig_all=vig_t,$G,$N,$S,$K,$M
+        vig_swiglu=vig_t,$W vig_all=vig_t,$G,$N,$S,$K,$M,$W
     # (static estimate without a GPU, benchmarks/static_step.py at 7cfc316 / 71e075c: HBM
     # bytes of the step 29.9 GB, gates -2.1, keep -0.9, slope -0.1, norm +0.2, merged BiGLA
-    # backward -1.9 (with gates, slope, keep: 24.9), DeiT-T 18.9; DeiT's patch product
+    # backward -1.9 (with gates, slope, keep: 24.9), SwiGLU kernels -1.2 more (23.7), DeiT-T
+    # 18.9; DeiT's patch product
     # (vig_jax.deit.PATCH_EMBED_AS_PRODUCT) +3.6 GB, so it is no longer among the variants)
     # (drop a variant whose kernel failed its GPU test; a variant
     # ``vig_nocb=vig_t,xla_gpu_enable_command_buffer=`` would time the step without CUDA
