@@ -119,17 +119,22 @@ def test_bad_shapes_name_the_sizes():
         bigla_packed(qkv, jnp.zeros((1, 4, 128)), jnp.zeros((1, 4, 128)), num_heads=2)
 
 
-def test_packed_lowering_reads_operands_in_place():
+@pytest.mark.parametrize(("merge", "calls", "joins"), [(False, 9, 1), (True, 8, 0)])
+def test_packed_lowering_reads_operands_in_place(merge, calls, joins):
     """The CUDA lowering of forward + backward feeds qkv and the gates to the Triton calls
     without slicing them (the split path's copies are what packing removes), and has as many
-    Triton calls as the split op."""
+    Triton calls as the split op; the merged backward kernel writes the packed gradient itself
+    (no concatenation of dq, dk, dv)."""
     b, n, h, dk, dv = 2, 197, 3, 32, 64
     qkv = jnp.ones((b, n, h * (2 * dk + dv)), jnp.bfloat16)
     gate = jnp.zeros((b, n, h * dk), jnp.float32)
+    config = triton.Config(merge_backward=merge)
 
     def loss(x, gf, gb):
-        return jnp.sum(triton.bigla_triton_packed(x, gf, gb, num_heads=h).astype(jnp.float32))
+        out = triton.bigla_triton_packed(x, gf, gb, num_heads=h, config=config)
+        return jnp.sum(out.astype(jnp.float32))
 
     text = h100_lowering(jax.value_and_grad(loss, argnums=(0, 1, 2)), qkv, gate, gate)
-    assert text.count(TRITON_CALL) == 9
+    assert text.count(TRITON_CALL) == calls
     assert "stablehlo.slice" not in text
+    assert text.count("stablehlo.concatenate") == joins

@@ -322,10 +322,22 @@ def _load_chunk_rows(ref, c, dims: _Dims, dtype=jnp.float32):
     return x.astype(dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Columns:
+    """Columns [start, start + width) of a [N_pad, W] ref: one head of a packed gradient."""
+
+    ref: object
+    start: jax.Array
+    width: int
+
+
 def _store_chunk_rows(ref, c, dims: _Dims, x):
-    shape = (dims.bt, ref.shape[-1])
-    rows = c * dims.bt + _iota(shape, 0)
-    plt.store(ref.at[pl.ds(c * dims.bt, dims.bt), :], x.astype(ref.dtype), mask=rows < dims.n)
+    """Stores x [BT, D] as chunk c's rows of a [N_pad, D] ref (or of a :class:`_Columns`)."""
+    cols = slice(None)
+    if isinstance(ref, _Columns):
+        ref, cols = ref.ref, pl.ds(ref.start, ref.width)
+    rows = c * dims.bt + _iota(x.shape, 0)
+    plt.store(ref.at[pl.ds(c * dims.bt, dims.bt), cols], x.astype(ref.dtype), mask=rows < dims.n)
 
 
 def _load_sub_row(ref, c, j, dims: _Dims):
@@ -512,9 +524,9 @@ def _split_is_safe(gf_ref, gb_ref, c, dims: _Dims):
     return jnp.max(totals, axis=0) <= SPLIT_LIMIT
 
 
-def _chunk_kernel(kernel, dims: _Dims):
+def _chunk_kernel(kernel, dims: _Dims, with_head: bool = False):
     """A chunk kernel ``kernel(q, k, v, gf, gb, ..., c=chunk, split=...)`` as ``Config.diag``
-    asks, for the chunk of ``program_id(2)``.
+    asks, for the chunk of ``program_id(2)`` (``with_head``: also ``head=program_id(1)``).
 
     "split": each program checks its chunk's gate totals, then runs the whole kernel with the
     split products, or with the exact loop path where the chunk is too steep: two disjoint
@@ -525,11 +537,12 @@ def _chunk_kernel(kernel, dims: _Dims):
 
     def run(*refs):
         c = pl.program_id(2)  # read outside the branches (interpret mode needs it so)
+        body = functools.partial(kernel, head=pl.program_id(1)) if with_head else kernel
         if dims.diag == "loop":
-            return kernel(*refs, c=c, split=False)
+            return body(*refs, c=c, split=False)
         safe = _split_is_safe(refs[3], refs[4], c, dims)
-        pl.when(safe)(lambda: kernel(*refs, c=c, split=True))
-        pl.when(jnp.logical_not(safe))(lambda: kernel(*refs, c=c, split=False))
+        pl.when(safe)(lambda: body(*refs, c=c, split=True))
+        pl.when(jnp.logical_not(safe))(lambda: body(*refs, c=c, split=False))
 
     return run
 
@@ -920,15 +933,24 @@ def _backward_dkv_kernel(
 
 def _backward_merged_kernel(
     q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *refs, dims: _Dims, scores: bool,
-    barrier: bool, c, split: bool,
+    barrier: bool, packed: bool, head, c, split: bool,
 ):  # fmt: skip
     """All five gradients of one chunk's rows (``Config.merge_backward``): the dq kernel's
     body, which stores q * dq per direction into the gate-gradient outputs, then (after a
     barrier: other threads of the program read those rows) the dkv kernel's body, which reads
     them back and overwrites them with the gate gradients. Refs after ``do``: the scores (with
-    ``scores``), the four carries, then dq, dk, dv, dgf, dgb."""
+    ``scores``), the four carries, then dq, dk, dv, dgf, dgb; with ``packed`` one
+    [N_pad, 2K + V] ref in place of dq, dk, dv, written head by head as the inputs are read."""
     a_refs, refs = (refs[:1], refs[1:]) if scores else ((), refs)
-    carries, (dq_ref, dk_ref, dv_ref, dgf_ref, dgb_ref) = refs[:4], refs[4:]
+    carries, refs = refs[:4], refs[4:]
+    if packed:
+        dqkv_ref, dgf_ref, dgb_ref = refs
+        key_dim = dims.heads * dims.dk
+        dq_ref = _Columns(dqkv_ref, head * dims.dk, dims.dk)
+        dk_ref = _Columns(dqkv_ref, key_dim + head * dims.dk, dims.dk)
+        dv_ref = _Columns(dqkv_ref, 2 * key_dim + head * dims.dv, dims.dv)
+    else:
+        dq_ref, dk_ref, dv_ref, dgf_ref, dgb_ref = refs
     inputs = (q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref)
     _backward_dq_kernel(
         *inputs, *carries[:2], dq_ref, dgf_ref, dgb_ref, dims=dims, c=c, split=split
@@ -1102,8 +1124,11 @@ def _merged_warps(config: Config) -> int:
     return config.num_warps
 
 
-def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool, saved=None):
-    """The five gradients.
+def _backward(
+    q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool, saved=None, packed=False
+):
+    """The five gradients, as ((dq, dk, dv), dgf, dgb); with ``packed`` (the inputs read from
+    one [B, N, 2K + V] array) and the merged kernel, (dqkv [B, N, 2K + V], dgf, dgb) instead.
 
     ``saved``: None (states recomputed, no scores) or (the forward's state carries or None
     (recomputed), its score matrices or None).
@@ -1124,19 +1149,32 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool,
     merge = MERGE_BACKWARD_BY_DEFAULT if config.merge_backward is None else config.merge_backward
     if merge:
         kernel = functools.partial(
-            _backward_merged_kernel, dims=dims, scores=scores is not None, barrier=not interpret
+            _backward_merged_kernel,
+            dims=dims,
+            scores=scores is not None,
+            barrier=not interpret,
+            packed=packed,
         )
-        dq, dk, dv, dgf, dgb = pl.pallas_call(
-            _chunk_kernel(kernel, dims),
-            out_shape=[per_key(q.dtype), per_key(k.dtype), dv_shape] + [per_key(jnp.float32)] * 2,
+        gate_shapes, gate_specs = [per_key(jnp.float32)] * 2, [_seq_spec(dims, dims.dk)] * 2
+        if packed:
+            width = 2 * h * dims.dk + h * dims.dv
+            qkv_shapes = [jax.ShapeDtypeStruct((b, dims.n, width), q.dtype)]
+            qkv_specs = [pl.BlockSpec((None, dims.n_pad, width), lambda b, h, s: (b, 0, 0))]
+        else:
+            qkv_shapes = [per_key(q.dtype), per_key(k.dtype), dv_shape]
+            qkv_specs = [_seq_spec(dims, d) for d in (dims.dk, dims.dk, dims.dv)]
+        *grads, dgf, dgb = pl.pallas_call(
+            _chunk_kernel(kernel, dims, with_head=True),
+            out_shape=qkv_shapes + gate_shapes,
             grid=(b, h, dims.nc),
             in_specs=seq_specs + score_specs + _carry_specs(carries, dims),
-            out_specs=[_seq_spec(dims, d) for d in (dims.dk, dims.dk, dims.dv, dims.dk, dims.dk)],
+            out_specs=qkv_specs + gate_specs,
             compiler_params=_params(_merged_warps(config), config.num_stages),
             interpret=interpret,
             name="bigla_backward",
         )(*args, *score_args, *carries)
-        return dq, dk, dv, dgf.astype(gf.dtype), dgb.astype(gb.dtype)
+        grads = grads[0] if packed else tuple(grads)
+        return grads, dgf.astype(gf.dtype), dgb.astype(gb.dtype)
     dq, qdq_f, qdq_b = pl.pallas_call(
         _chunk_kernel(functools.partial(_backward_dq_kernel, dims=dims), dims),
         out_shape=[per_key(q.dtype), per_key(jnp.float32), per_key(jnp.float32)],
@@ -1164,7 +1202,7 @@ def _backward(q, k, v, gf, gb, do, dims: _Dims, config: Config, interpret: bool,
         interpret=interpret,
         name="bigla_backward_dkv",
     )(*args, qdq_f, qdq_b, *score_args, *carries)
-    return dq, dk, dv, dgf.astype(gf.dtype), dgb.astype(gb.dtype)
+    return (dq, dk, dv), dgf.astype(gf.dtype), dgb.astype(gb.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -1202,7 +1240,8 @@ def _bigla_bwd(dims, config, interpret, residuals, do):
     config = config.backward()
     if saved is None:
         dims = _backward_dims(inputs, dims, config, interpret)
-    return _backward(*inputs, do, dims, config, interpret, saved)
+    (dq, dk, dv), dgf, dgb = _backward(*inputs, do, dims, config, interpret, saved)
+    return dq, dk, dv, dgf, dgb
 
 
 def _backward_dims(inputs, dims: _Dims, config: Config, interpret: bool) -> _Dims:
@@ -1240,9 +1279,10 @@ def _bigla_packed_bwd(dims, config, interpret, residuals, do):
     views = _packed_views(qkv, gf, gb, dims)
     if saved is None:
         dims = _backward_dims(views, dims, config, interpret)
-    dq, dk, dv, dgf, dgb = _backward(*views, do, dims, config, interpret, saved)
+    dqkv, dgf, dgb = _backward(*views, do, dims, config, interpret, saved, packed=True)
     flat = lambda x: x.reshape(*x.shape[:2], -1)
-    dqkv = jnp.concatenate([flat(dq), flat(dk), flat(dv)], axis=-1)
+    if isinstance(dqkv, tuple):  # separate kernels: three arrays to join
+        dqkv = jnp.concatenate([flat(g) for g in dqkv], axis=-1)
     return dqkv, flat(dgf).astype(gf.dtype), flat(dgb).astype(gb.dtype)
 
 
