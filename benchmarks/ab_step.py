@@ -279,12 +279,26 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_step_args(parser: argparse.ArgumentParser) -> None:
+    """The variants and the step's size (also ``benchmarks/static_step.py``'s arguments)."""
     parser.add_argument("variants", nargs="+", help="NAME=MODEL[,MODULE.ATTR=VALUE,...]")
     parser.add_argument("--img", type=int, default=224)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+
+
+def parse_variants(specs: list[str]) -> list[Variant]:
+    """:func:`parse_variant` of each spec; exits naming them if two variants share a name."""
+    variants = [parse_variant(s) for s in specs]
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"variant names repeat: {names}")
+    return variants
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_step_args(parser)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=15)
@@ -297,11 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--margin", type=float, default=0.003, help="speed-up a winner needs")
     args = parser.parse_args(argv)
-    variants = [parse_variant(s) for s in args.variants]
-    names = [v.name for v in variants]
-    if len(set(names)) != len(names):
-        raise SystemExit(f"variant names repeat: {names}")
-    rows = run(variants, args)
+    rows = run(parse_variants(args.variants), args)
     print_table(rows)
     if args.out:
         out = {

@@ -264,19 +264,13 @@ def print_table(rows: list[dict[str, Any]], top: int = 8) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from benchmarks.ab_step import DTYPES, parse_variant
+    from benchmarks.ab_step import add_step_args, parse_variants
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("variants", nargs="+", help="NAME=MODEL[,MODULE.ATTR=VALUE,...]")
-    parser.add_argument("--img", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    add_step_args(parser)
     parser.add_argument("--out", default=None, help="JSON file to write")
     args = parser.parse_args(argv)
-    variants = [parse_variant(s) for s in args.variants]
-    names = [v.name for v in variants]
-    if len(set(names)) != len(names):
-        raise SystemExit(f"variant names repeat: {names}")
+    variants = parse_variants(args.variants)
     device = h100_device()
     jax.default_backend = lambda: "gpu"  # the models' GPU defaults (kernels, not interpret mode)
     rows = []
