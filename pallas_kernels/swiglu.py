@@ -12,7 +12,9 @@
 Against XLA's form (``vig_jax.layers``: product, SwiGLU pass, product; in the backward product,
 SwiGLU-gradient pass), this moves neither h a second time in the forward nor dz through memory
 in the backward: for ViG-T's training step at 224 px, batch 128 (bf16), ~100 MB per block.
-Residuals: x, h and z (z is what the down projection's weight gradient needs).
+Residuals: x, h and z (what the down projection's weight gradient needs), or with
+``keep_output=False`` x and h only, z then recomputed from h in the backward pass (one
+elementwise pass; for long sequences, where activation memory binds).
 
 For bf16 / fp16 inputs (fp32 accumulation, fp32 elementwise arithmetic, results rounded to the
 input dtype where XLA rounds them). The sizes K, F and D must each split into power-of-two
@@ -174,18 +176,20 @@ def _down_grad(dy, w_out, h, config, interpret):
     )(dy, w_out, h)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _swiglu_mlp(x, w_in, w_out, config, interpret):
-    return _swiglu_mlp_fwd(x, w_in, w_out, config, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _swiglu_mlp(x, w_in, w_out, keep_output, config, interpret):
+    return _swiglu_mlp_fwd(x, w_in, w_out, keep_output, config, interpret)[0]
 
 
-def _swiglu_mlp_fwd(x, w_in, w_out, config, interpret):
+def _swiglu_mlp_fwd(x, w_in, w_out, keep_output, config, interpret):
     h, z = _up(x, w_in, config, interpret)
-    return jnp.dot(z, w_out), (x, w_in, w_out, h, z)
+    return jnp.dot(z, w_out), (x, w_in, w_out, h, z if keep_output else None)
 
 
-def _swiglu_mlp_bwd(config, interpret, residuals, dy):
+def _swiglu_mlp_bwd(keep_output, config, interpret, residuals, dy):
     x, w_in, w_out, h, z = residuals
+    if z is None:
+        z = silu_glu(jax.lax.optimization_barrier(h))  # recomputed, not kept from the forward
     dh = _down_grad(dy, w_out, h, config, interpret)
     return jnp.dot(dh, w_in.T), jnp.dot(x.T, dh), jnp.dot(z.T, dy)
 
@@ -198,6 +202,7 @@ def swiglu_mlp(
     w_in: jax.Array,
     w_out: jax.Array,
     *,
+    keep_output: bool = True,
     config: Config | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
@@ -207,6 +212,7 @@ def swiglu_mlp(
       x: [..., K] in bf16 or fp16.
       w_in: [K, 2F] (gate columns first), x's dtype.
       w_out: [F, D], x's dtype.
+      keep_output: keep ``silu(a) * b`` for the backward pass (else recompute it from h).
       config: tuning knobs (default :class:`Config`).
       interpret: run the kernels in Pallas interpret mode (default: off the GPU).
 
@@ -230,5 +236,6 @@ def swiglu_mlp(
             "of two >= 16"
         )
     config = Config() if config is None else config
-    y = _swiglu_mlp(x.reshape(-1, k), w_in, w_out, config, resolve_interpret(interpret))
+    interpret = resolve_interpret(interpret)
+    y = _swiglu_mlp(x.reshape(-1, k), w_in, w_out, bool(keep_output), config, interpret)
     return y.reshape(*x.shape[:-1], w_out.shape[1])

@@ -37,9 +37,11 @@ def test_keep_limit_picks_remat_by_tokens_and_keeps_values(monkeypatch, cls):
         assert jnp.allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("cls", [layers.SwiGLU, layers.GatedMlp])
-def test_pallas_form_keeps_values_and_gradients(monkeypatch, cls):
-    """The Pallas kernels (interpret mode here) against the XLA form, bf16 compute."""
+@pytest.mark.parametrize(("cls", "keep_limit"), [(layers.SwiGLU, 0), (layers.GatedMlp, 35)])
+def test_pallas_form_keeps_values_and_gradients(monkeypatch, cls, keep_limit):
+    """The Pallas kernels (interpret mode here) against the XLA form, bf16 compute, with
+    swiglu(h) recomputed (limit 0) or kept (35 tokens an image)."""
+    monkeypatch.setattr(layers, "SWIGLU_KEEP_MAX_TOKENS", keep_limit)
     mlp = cls(64, 96, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 5, 7, 64))
     loss = lambda m: jnp.sum(jnp.sin(m(x).astype(jnp.float32)))

@@ -56,9 +56,10 @@ def _rel(got, want):
         (128, 32, 128, 16, swiglu.Config(block_features=128, num_warps=2)),
     ],
 )
-def test_matches_float64_and_xla_in_bf16(rows, k, hidden, d, config):
+@pytest.mark.parametrize("keep", [True, False])
+def test_matches_float64_and_xla_in_bf16(rows, k, hidden, d, config, keep):
     args = _inputs(rows, k, hidden, d, seed=rows)
-    fn = lambda x, wi, wo: swiglu.swiglu_mlp(x, wi, wo, config=config)
+    fn = lambda x, wi, wo: swiglu.swiglu_mlp(x, wi, wo, keep_output=keep, config=config)
     got = _value_and_grads(fn, *args)
     xla = _value_and_grads(swiglu.reference, *args)
     for name, g, want, ref in zip(
@@ -95,3 +96,17 @@ def test_lowers_to_two_triton_kernels_for_cuda():
     loss = lambda *a: jnp.sum(swiglu.swiglu_mlp(*a, interpret=False).astype(jnp.float32))
     text = h100_lowering(jax.value_and_grad(loss, argnums=(0, 1, 2)), x, w_in, w_out)
     assert text.count(TRITON_CALL) == 2
+
+
+def test_keep_output_false_recomputes_the_product_input():
+    """Without keeping silu(a) * b, the backward recomputes it (one more SiLU in the gradient's
+    program than with it kept; the kernels' own SiLUs count in both)."""
+    x, w_in, w_out, _ = _inputs(16, 32, 32, 16)
+
+    def sigmoids(keep):
+        loss = lambda *a: jnp.sum(swiglu.swiglu_mlp(*a, keep_output=keep).astype(jnp.float32))
+        return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, w_in, w_out)).count(
+            "logistic"
+        )
+
+    assert sigmoids(False) == sigmoids(True) + 1

@@ -361,8 +361,11 @@ SWIGLU_KEEP_MAX_TOKENS = 0
 
 # The MLP's products with the SwiGLU inside them (pallas_kernels.swiglu: one kernel for the first
 # product and the SwiGLU, one for the second product's input gradient and the SwiGLU's) on a GPU
-# in bf16 / fp16. Tested in interpret mode and for the CUDA lowering, not yet run on a GPU; off
-# until timed there.
+# in bf16 / fp16; swiglu(h) kept or recomputed as SWIGLU_KEEP_MAX_TOKENS says. Tested in
+# interpret mode and for the CUDA lowering, not yet run on a GPU; off until timed there.
+# Compiled for an H100 on the CPU (benchmarks/static_step.py, ViG-T, bf16) its step's memory
+# plan is the same as XLA's form at 224 px / batch 128 (not kept) but 333 MiB larger at 1024 px
+# / batch 8 (kept or not; cause not found), where the memory bar's margin was 445 MiB.
 PALLAS_SWIGLU_BY_DEFAULT = False
 
 
@@ -385,14 +388,13 @@ def _swiglu(x: jax.Array, w_in: nnx.Linear, w_out: nnx.Linear) -> jax.Array:
     """``w_out(silu(gate) * value)`` with ``gate, value = w_in(x).chunk(2)`` (gate first).
 
     ``x`` [B, ..., dim]: the axes between the first and the last are an image's tokens, whose
-    count picks between keeping and recomputing ``swiglu(h)`` (``SWIGLU_KEEP_MAX_TOKENS``; the
-    Pallas form always keeps it)."""
+    count picks between keeping and recomputing ``swiglu(h)`` (``SWIGLU_KEEP_MAX_TOKENS``)."""
+    keep = math.prod(x.shape[1:-1]) <= SWIGLU_KEEP_MAX_TOKENS
     if default_swiglu_implementation(w_in, w_out) == "pallas":
         dtype = w_in.dtype
         kernels = (w.kernel[...].astype(dtype) for w in (w_in, w_out))
-        return pallas_swiglu.swiglu_mlp(x.astype(dtype), *kernels)
-    tokens = math.prod(x.shape[1:-1])
-    down = _swiglu_down if tokens <= SWIGLU_KEEP_MAX_TOKENS else nnx.remat(_swiglu_down)
+        return pallas_swiglu.swiglu_mlp(x.astype(dtype), *kernels, keep_output=keep)
+    down = _swiglu_down if keep else nnx.remat(_swiglu_down)
     return down(w_in(x), w_out)
 
 
