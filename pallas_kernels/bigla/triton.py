@@ -87,8 +87,9 @@ FP32_SPLIT_MAX_CHUNK = 16
 SAVE_STATES_MAX_TOKENS = 1024
 # Config.merge_backward=None: one backward chunk kernel instead of two (tested in interpret mode
 # and for the CUDA lowering, not yet run on a GPU). ViG-T's training step (224 px, batch 128,
-# bf16) compiled for an H100 on the CPU (benchmarks/static_step.py) moves 1.9 GB less HBM per
-# step with it (26.8 -> 24.9 GB with the other candidate switches on). Off until timed.
+# bf16) compiled for an H100 on the CPU (benchmarks/static_step.py) moves 2.3 GB less HBM per
+# step with it, the packed gradient written in place included (26.8 -> 24.5 GB with the gate,
+# slope and keep switches on; 49aefe0). Off until timed.
 MERGE_BACKWARD_BY_DEFAULT = False
 # Warps of the merged kernel (None: the backward's num_warps). Static Triton 3.6 / sm_90 stats
 # at (128, 3, 196, 32, 64) bf16 (benchmarks/kernel_stats.py): 2 warps 255 registers, 20 B
