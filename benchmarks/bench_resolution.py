@@ -83,10 +83,11 @@ against resolution) with the official code's numbers (vig-reference.md section 1
         vig_norm=vig_t,$N vig_slope=vig_t,$S vig_keep=vig_t,$K vig_merge=vig_t,$M \
         vig_merge2=vig_t,$M,pallas_kernels.bigla.triton.MERGED_BACKWARD_WARPS=2 \
         vig_swiglu=vig_t,$W vig_all=vig_t,$G,$N,$S,$K,$M,$W
-    # (static estimate without a GPU, benchmarks/static_step.py at 7cfc316 / 71e075c: HBM
+    # (static estimate without a GPU, benchmarks/static_step.py at 7cfc316 / 49aefe0: HBM
     # bytes of the step 29.9 GB, gates -2.1, keep -0.9, slope -0.1, norm +0.2, merged BiGLA
-    # backward -1.9 (with gates, slope, keep: 24.9), SwiGLU kernels -1.2 more (23.7), DeiT-T
-    # 18.9; DeiT's patch product
+    # backward -2.3 (with gates, slope, keep: 24.5), SwiGLU kernels -1.2 more (23.2), DeiT-T
+    # 18.9; the SwiGLU kernels plan 333 MiB more at 1024 / 8: check that bar's peak; DeiT's
+    # patch product
     # (vig_jax.deit.PATCH_EMBED_AS_PRODUCT) +3.6 GB, so it is no longer among the variants)
     # (drop a variant whose kernel failed its GPU test; a variant
     # ``vig_nocb=vig_t,xla_gpu_enable_command_buffer=`` would time the step without CUDA
