@@ -52,5 +52,6 @@ def row_block(block_rows: int, rows: int, width: int | None = None, axis: int = 
 
 
 def whole(shape: tuple[int, ...]) -> pl.BlockSpec:
-    """The whole array as every program's block (rows are sliced and masked in the kernel)."""
-    return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+    """The whole array as every program's block, on a grid of any rank (rows are sliced and
+    masked in the kernel)."""
+    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))

@@ -37,6 +37,7 @@ from pallas_kernels.rows import (
     compiler_params,
     resolve_interpret,
     row_block,
+    whole,
 )
 
 LOW_PRECISION = (jnp.bfloat16, jnp.float16)
@@ -139,18 +140,14 @@ def _grid_and_kw(rows: int, hidden: int, config: Config):
     return (pl.cdiv(rows, config.block_rows), hidden // features), kw
 
 
-def _whole(shape):
-    return pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))
-
-
 def _up(x, w_in, config, interpret):
     rows, hidden = x.shape[0], w_in.shape[1] // 2
     grid, kw = _grid_and_kw(rows, hidden, config)
     return pl.pallas_call(
         functools.partial(_up_kernel, **kw),
         grid=grid,
-        in_specs=[_whole(x.shape), _whole(w_in.shape)],
-        out_specs=[_whole((rows, 2 * hidden)), _whole((rows, hidden))],
+        in_specs=[whole(x.shape), whole(w_in.shape)],
+        out_specs=[whole((rows, 2 * hidden)), whole((rows, hidden))],
         out_shape=[
             jax.ShapeDtypeStruct((rows, 2 * hidden), x.dtype),
             jax.ShapeDtypeStruct((rows, hidden), x.dtype),
@@ -167,8 +164,8 @@ def _down_grad(dy, w_out, h, config, interpret):
     return pl.pallas_call(
         functools.partial(_down_grad_kernel, **kw),
         grid=grid,
-        in_specs=[_whole(dy.shape), _whole(w_out.shape), _whole(h.shape)],
-        out_specs=_whole(h.shape),
+        in_specs=[whole(dy.shape), whole(w_out.shape), whole(h.shape)],
+        out_specs=whole(h.shape),
         out_shape=jax.ShapeDtypeStruct(h.shape, h.dtype),
         compiler_params=compiler_params(config),
         interpret=interpret,
